@@ -1,0 +1,281 @@
+"""Command line: qemu-storage-daemon's options where they overlap, plus shorthands.
+
+A test can swap ``qemu-storage-daemon`` for ``qmpjobd`` on the same command line:
+``--chardev socket,id=ID,path=PATH,server=on,wait=off`` (or ``host=``/``port=``),
+``--monitor [chardev=]ID[,pretty=on|off]`` and ``--blockdev`` (keyval or JSON) mean
+what they mean there. qemu-storage-daemon options that qmpjobd does not implement
+fail with a message instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from qmpjobd import __version__
+from qmpjobd.server import MonitorSpec
+
+log = logging.getLogger("qmpjobd")
+
+# qemu-storage-daemon options we recognise but do not implement.
+UNSUPPORTED_QSD_OPTIONS = ("--export", "--nbd-server", "--object", "--daemonize", "--trace", "-T")
+
+ON_VALUES = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False, "n": False}
+
+
+class UsageError(Exception):
+    """A bad command line; printed as ``qmpjobd: <option>: <message>``."""
+
+
+def split_keyval(text: str, implied_key: str) -> dict[str, str]:
+    """Split QEMU's ``a=b,c=d`` syntax (``,,`` is a literal comma).
+
+    A first element without ``=`` is the value of ``implied_key``.
+    """
+    parts: list[str] = []
+    current = ""
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                current += ","
+                i += 2
+                continue
+            parts.append(current)
+            current = ""
+        else:
+            current += text[i]
+        i += 1
+    parts.append(current)
+    result: dict[str, str] = {}
+    for index, part in enumerate(parts):
+        key, sep, value = part.partition("=")
+        if not sep:
+            if index != 0:
+                raise UsageError(f"Expected '=' after parameter '{part}'")
+            key, value = implied_key, part
+        if key in result:
+            raise UsageError(f"Parameter '{key}' given more than once")
+        result[key] = value
+    return result
+
+
+def parse_bool(option: str, key: str, value: str) -> bool:
+    try:
+        return ON_VALUES[value]
+    except KeyError:
+        raise UsageError(f"Parameter '{key}' expects 'on' or 'off'") from None
+
+
+@dataclass
+class Chardev:
+    id: str
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+
+def parse_chardev(text: str) -> Chardev:
+    opts = split_keyval(text, "backend")
+    backend = opts.pop("backend", None)
+    if backend != "socket":
+        raise UsageError(f"chardev backend '{backend}' is not supported by qmpjobd (only 'socket')")
+    chardev_id = opts.pop("id", None)
+    if not chardev_id:
+        raise UsageError("Parameter 'id' is missing")
+    if not parse_bool("--chardev", "server", opts.pop("server", "off")):
+        raise UsageError("qmpjobd only listens: use server=on")
+    if parse_bool("--chardev", "wait", opts.pop("wait", "on")):
+        raise UsageError("qmpjobd never blocks at start-up waiting for a client: use wait=off")
+    path = opts.pop("path", None)
+    host = opts.pop("host", None)
+    port = opts.pop("port", None)
+    opts.pop("telnet", None)
+    if opts:
+        raise UsageError(f"Parameter '{next(iter(opts))}' is not supported by qmpjobd")
+    if path is not None:
+        if host is not None or port is not None:
+            raise UsageError("give either path= or host=/port=, not both")
+        return Chardev(chardev_id, path=path)
+    if port is None:
+        raise UsageError("chardev: socket needs either 'path' or 'port' set")
+    return Chardev(chardev_id, host=host or "0.0.0.0", port=parse_port(port))
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise UsageError(f"invalid port '{text}'")
+    return int(text)
+
+
+def parse_monitor(text: str, chardevs: dict[str, Chardev], used: set[str]) -> MonitorSpec:
+    opts = split_keyval(text, "chardev")
+    name = opts.pop("chardev", None)
+    if not name:
+        raise UsageError("Parameter 'chardev' is missing")
+    mode = opts.pop("mode", "control")
+    if mode != "control":
+        raise UsageError("Only QMP is supported")
+    pretty = parse_bool("--monitor", "pretty", opts.pop("pretty", "off"))
+    opts.pop("id", None)
+    if opts:
+        raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
+    if name not in chardevs:
+        raise UsageError(f"chardev \"{name}\" not found")
+    if name in used:
+        raise UsageError(f"Device '{name}' is in use")
+    used.add(name)
+    dev = chardevs[name]
+    return MonitorSpec(name, path=dev.path, host=dev.host, port=dev.port, pretty=pretty)
+
+
+def parse_tcp(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    return host or "127.0.0.1", parse_port(port)
+
+
+@dataclass
+class Config:
+    monitors: list[MonitorSpec] = field(default_factory=list)
+    blockdevs: list[str] = field(default_factory=list)
+    pidfile: str | None = None
+    demo: bool = False
+    drain_artefacts: bool = True
+    max_output_bytes: int = 16 * 1024 * 1024
+    log_level: str = "warning"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qmpjobd",
+        description="A QMP server that speaks QEMU's monitor protocol and runs QEMU's "
+        "block-job lifecycle (compatible with qemu-storage-daemon 7.2).",
+    )
+    p.add_argument("--chardev", action="append", default=[], metavar="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off",
+                   help="a listening socket, as in qemu-storage-daemon")
+    p.add_argument("--monitor", action="append", default=[], metavar="[chardev=]ID[,pretty=on|off]",
+                   help="serve QMP on the chardev ID")
+    p.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
+                   help="add a block node at start-up (keyval or JSON, as blockdev-add takes)")
+    p.add_argument("--socket", action="append", default=[], metavar="PATH",
+                   help="shorthand: QMP on a unix socket at PATH")
+    p.add_argument("--tcp", action="append", default=[], metavar="[HOST:]PORT",
+                   help="shorthand: QMP on TCP (HOST defaults to 127.0.0.1)")
+    p.add_argument("--pretty", action="store_true", help="pretty-print on the --socket/--tcp monitors")
+    p.add_argument("--pidfile", metavar="PATH", help="write the process id to PATH")
+    p.add_argument("--demo", action="store_true", help="add the demo block nodes (what `make run` uses)")
+    p.add_argument("--no-drain-artefacts", action="store_true",
+                   help="do not reproduce QEMU's extra paused/running events around transaction-style commands")
+    p.add_argument("--max-output-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
+                   help="disconnect a client once N bytes of its output are unsent (default 16 MiB)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("-V", "--version", action="version",
+                   version=f"qmpjobd {__version__} (QMP compatible with qemu-storage-daemon 7.2)")
+    return p
+
+
+def parse_args(argv: list[str]) -> Config:
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in UNSUPPORTED_QSD_OPTIONS:
+            raise UsageError(f"option {name} of qemu-storage-daemon is not supported by qmpjobd")
+    ns = build_parser().parse_args(argv)
+    config = Config(
+        blockdevs=ns.blockdev, pidfile=ns.pidfile, demo=ns.demo,
+        drain_artefacts=not ns.no_drain_artefacts, max_output_bytes=ns.max_output_bytes,
+        log_level=ns.log_level,
+    )
+    chardevs: dict[str, Chardev] = {}
+    for text in ns.chardev:
+        dev = parse_chardev(text)
+        if dev.id in chardevs:
+            raise UsageError(f"attempt to add duplicate property '{dev.id}' to object (type 'container')")
+        chardevs[dev.id] = dev
+    used: set[str] = set()
+    for text in ns.monitor:
+        config.monitors.append(parse_monitor(text, chardevs, used))
+    for index, path in enumerate(ns.socket):
+        config.monitors.append(MonitorSpec(f"socket{index}", path=path, pretty=ns.pretty))
+    for index, text in enumerate(ns.tcp):
+        host, port = parse_tcp(text)
+        config.monitors.append(MonitorSpec(f"tcp{index}", host=host, port=port, pretty=ns.pretty))
+    return config
+
+
+def parse_blockdev(schema, text: str) -> dict:
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"invalid JSON: {exc}") from None
+        return schema.validate_type("BlockdevOptions", value)
+    return schema.parse_keyval("BlockdevOptions", text)
+
+
+DEMO_BLOCKDEVS = (
+    '{"driver": "null-co", "node-name": "demo-src", "size": 67108864}',
+    '{"driver": "null-co", "node-name": "demo-tgt", "size": 67108864}',
+    '{"driver": "null-co", "node-name": "demo-slow-src", "size": 1073741824, "latency-ns": 1000000}',
+    '{"driver": "null-co", "node-name": "demo-slow-tgt", "size": 1073741824}',
+)
+
+
+async def run(config: Config) -> int:
+    from qmpjobd.commands import load_all
+    from qmpjobd.daemon import Daemon, DaemonOptions
+    from qmpjobd.dispatch import Dispatcher
+    from qmpjobd.errors import QMPError
+    from qmpjobd.qapi import Schema
+    from qmpjobd.server import Server
+
+    options = DaemonOptions(drain_artefacts=config.drain_artefacts, max_output_bytes=config.max_output_bytes)
+    daemon = Daemon(schema=Schema.load(), options=options)
+    blockdevs = list(DEMO_BLOCKDEVS) if config.demo else []
+    blockdevs += config.blockdevs
+    for text in blockdevs:
+        try:
+            daemon.graph.add(parse_blockdev(daemon.schema, text))
+        except QMPError as exc:
+            raise UsageError(f"--blockdev {text}: {exc.desc}") from None
+    server = Server(daemon, Dispatcher(daemon, load_all()), config.monitors)
+    await server.start()
+    if config.pidfile:
+        with open(config.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.shutdown)
+    try:
+        await server.serve_until_stopped()
+    finally:
+        if config.pidfile:
+            try:
+                os.unlink(config.pidfile)
+            except FileNotFoundError:
+                pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = parse_args(argv)
+        if not config.monitors:
+            raise UsageError("no monitor given: use --socket PATH, --tcp PORT or --chardev/--monitor")
+        logging.basicConfig(level=config.log_level.upper(), format="qmpjobd: %(levelname)s: %(message)s")
+        return asyncio.run(run(config))
+    except UsageError as exc:
+        print(f"qmpjobd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"qmpjobd: {exc}", file=sys.stderr)
+        return 1

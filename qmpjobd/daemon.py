@@ -1,0 +1,48 @@
+"""The daemon's state, shared by every connection: schema, jobs, block graph, clock.
+
+The server owns the sockets; this object owns everything a command can change. It is
+built once at start-up and handed to each handler through ``commands.Context``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qmpjobd.block.graph import BlockGraph
+from qmpjobd.job.clock import Clock, RealClock
+from qmpjobd.job.manager import JobManager
+from qmpjobd.qapi import Schema
+
+EventSink = Callable[[str, dict], None]
+
+
+@dataclass
+class DaemonOptions:
+    """Behaviour switches a user may set on the command line."""
+
+    # Reproduce QEMU's drain artefacts (the extra paused/running pairs around
+    # transaction-style commands). On by default so transcripts match QEMU.
+    drain_artefacts: bool = True
+    # Bytes of unsent output a connection may hold before it is cut off.
+    max_output_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass
+class Daemon:
+    """Everything a command handler can look up or change."""
+
+    schema: Schema
+    options: DaemonOptions = field(default_factory=DaemonOptions)
+    clock: Clock = field(default_factory=RealClock)
+    sinks: list[EventSink] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.jobs = JobManager(emit=self.emit, clock=self.clock)
+        self.graph = BlockGraph(self.jobs, options=self.options)
+        self.quit_requested = False
+
+    def emit(self, name: str, data: dict) -> None:
+        """Announce an event now; every sink (the server's fan-out) gets it at once."""
+        for sink in self.sinks:
+            sink(name, data)

@@ -1,0 +1,204 @@
+"""asyncio listeners and connections: bytes in, replies and events out.
+
+Everything protocol-shaped lives in ``wire/`` and everything stateful in the daemon;
+this module only moves bytes. Three rules shape it:
+
+* A command runs to completion inside ``data_received`` (handlers never await), so
+  the events it raises are queued on every connection before its reply.
+* Output is queued per connection and flushed in one write per batch. Events raised
+  outside a command (by a running job) schedule one flush on the next loop turn.
+* A client that stops reading never stalls anyone: reading from it pauses while its
+  transport is above the high-water mark, and once its unsent output passes
+  ``max_output_bytes`` it is disconnected and the fact is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from qmpjobd.commands.control import version_info
+from qmpjobd.daemon import Daemon
+from qmpjobd.dispatch import Dispatcher
+from qmpjobd.wire.encode import encode
+from qmpjobd.wire.lexer import StreamParser
+from qmpjobd.wire.session import Session, event_message
+
+log = logging.getLogger(__name__)
+
+# Reading from a client pauses while this much output waits in its transport.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass
+class MonitorSpec:
+    """One listening endpoint, as given by --chardev/--monitor or --socket/--tcp."""
+
+    chardev_id: str
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+    pretty: bool = False
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"tcp:{self.host}:{self.port}"
+
+
+class Connection(asyncio.Protocol):
+    """One client: its own session, parser and output queue."""
+
+    def __init__(self, server: "Server", monitor: MonitorSpec) -> None:
+        self.server = server
+        self.monitor = monitor
+        self.session = Session()
+        self.parser = StreamParser()
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.server.connections.add(self)
+        log.debug("client connected on %s", self.monitor.describe())
+        self.queue(encode(self.session.greeting(version_info()), self.monitor.pretty))
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        dispatcher = self.server.dispatcher
+        for item in self.parser.feed(data):
+            reply = dispatcher.handle(self.session, item, self)
+            self.queue(encode(reply, self.monitor.pretty))
+            if self.server.daemon.quit_requested:
+                self.server.shutdown()
+                return
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pending.clear()
+        self.server.connections.discard(self)
+        log.debug("client on %s disconnected", self.monitor.describe())
+
+    def pause_writing(self) -> None:
+        # The client reads slower than we write: stop taking its requests.
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # -- output ------------------------------------------------------------
+
+    def queue(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+
+    def flush(self) -> None:
+        if self.closed or not self.pending or self.transport is None:
+            return
+        self.transport.writelines(self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.enforce_output_bound()
+
+    def enforce_output_bound(self) -> None:
+        assert self.transport is not None
+        unsent = self.transport.get_write_buffer_size()
+        limit = self.server.daemon.options.max_output_bytes
+        if unsent > limit:
+            log.warning(
+                "disconnecting client on %s: %d bytes of output unsent (limit %d)",
+                self.monitor.describe(), unsent, limit,
+            )
+            self.closed = True
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.flush()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+
+class Server:
+    """All listeners and connections of one daemon, plus event fan-out."""
+
+    def __init__(self, daemon: Daemon, dispatcher: Dispatcher, monitors: list[MonitorSpec]) -> None:
+        self.daemon = daemon
+        self.dispatcher = dispatcher
+        self.monitors = monitors
+        self.connections: set[Connection] = set()
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.stopped = asyncio.Event()
+        self.flush_scheduled = False
+        daemon.sinks.append(self.broadcast)
+
+    async def start(self) -> None:
+        for monitor in self.monitors:
+            self.listeners.append(await self.listen(monitor))
+            log.info("listening on %s (monitor %s)", monitor.describe(), monitor.chardev_id)
+
+    async def listen(self, monitor: MonitorSpec) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], Connection] = lambda: Connection(self, monitor)
+        if monitor.path is not None:
+            # Create the socket file with mode 0600 from the start (no window in
+            # which another user could connect).
+            old_umask = os.umask(0o177)
+            try:
+                return await loop.create_unix_server(factory, monitor.path)
+            finally:
+                os.umask(old_umask)
+        return await loop.create_server(factory, monitor.host, monitor.port, reuse_address=True)
+
+    def broadcast(self, name: str, data: dict | None) -> None:
+        """Queue one event on every negotiated connection; encode once per format."""
+        message = event_message(name, data)
+        encoded: dict[bool, bytes] = {}
+        for connection in self.connections:
+            if not connection.session.negotiated or connection.closed:
+                continue
+            pretty = connection.monitor.pretty
+            if pretty not in encoded:
+                encoded[pretty] = encode(message, pretty)
+            connection.queue(encoded[pretty])
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_all)
+
+    def flush_all(self) -> None:
+        self.flush_scheduled = False
+        for connection in list(self.connections):
+            connection.flush()
+
+    def shutdown(self) -> None:
+        """Flush and close every connection, stop listening, remove socket files."""
+        for listener in self.listeners:
+            listener.close()
+        for connection in list(self.connections):
+            connection.close()
+        for monitor in self.monitors:
+            if monitor.path is not None:
+                try:
+                    os.unlink(monitor.path)
+                except FileNotFoundError:
+                    pass
+        self.stopped.set()
+
+    async def serve_until_stopped(self) -> None:
+        await self.stopped.wait()
+        # Let the closing transports write what they still hold.
+        await asyncio.sleep(0)

@@ -1,0 +1,162 @@
+"""Play a scenario file against a daemon and record its transcript.
+
+A scenario is a text file of steps, one per line (``#`` starts a comment):
+
+    args: ARGS...        daemon command-line arguments (shared by both daemons)
+    monitors: N          open N monitors (default 1); ``pretty: I`` makes monitor I pretty
+    mask: KEY...         replace the numeric value of these keys by ``#`` from now on
+    conn: I              later steps use the client on monitor I
+    send: TEXT           send TEXT exactly (UTF-8, no newline added)
+    sendb: PYBYTES       send a Python bytes literal, e.g. b'{"execute":\\xff}'
+    cmd: JSON            send it, then read until a reply (events before it are recorded)
+    expect: N            read N messages
+    wait: EVENT [k=v]... read until that event (data members k equal to v) has arrived
+    settle: MS           read whatever arrives until MS milliseconds pass in silence
+    sleep: MS            pause without reading
+
+The transcript lists what was sent and every message received, in order. Before
+comparing, the volatile parts are normalised: event timestamps, the version
+numbers and ``package`` that identify the daemon, and the ``mask`` keys (progress of
+running jobs, ``busy``): the documented short list in tests/conformance/README.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.daemons import DaemonProcess, RawClient
+
+TIMESTAMP = re.compile(rb'"seconds": \d+, "microseconds": \d+|"seconds": \d+,(\r\n *)"microseconds": \d+')
+MICRO = re.compile(rb'"micro": \d+')
+PACKAGE = re.compile(rb'"package": "[^"]*"')
+EVENT_START = re.compile(rb'^\{\s*"timestamp"')
+
+
+@dataclass
+class Scenario:
+    name: str
+    args: list[str] = field(default_factory=list)
+    monitors: int = 1
+    pretty: set[int] = field(default_factory=set)
+    steps: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> "Scenario":
+        scenario = cls(path.stem)
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            # Trailing white space is data (``send: 42 `` needs its delimiter).
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            verb, sep, rest = line.partition(":")
+            if not sep:
+                raise ValueError(f"{path}:{number}: expected 'verb: argument'")
+            verb, rest = verb.strip(), rest[1:] if rest.startswith(" ") else rest
+            if verb == "args":
+                scenario.args += shlex.split(rest)
+            elif verb == "monitors":
+                scenario.monitors = int(rest)
+            elif verb == "pretty":
+                scenario.pretty.add(int(rest))
+            else:
+                scenario.steps.append((verb, rest))
+        return scenario
+
+
+class Player:
+    """Runs one scenario against one daemon and returns the normalised transcript."""
+
+    def __init__(self, scenario: Scenario, kind: str) -> None:
+        self.scenario = scenario
+        self.kind = kind
+        self.transcript: list[str] = []
+        self.masks: list[re.Pattern[bytes]] = []
+
+    def play(self) -> list[str]:
+        s = self.scenario
+        with DaemonProcess(self.kind, s.args, monitors=s.monitors, pretty=s.pretty) as daemon:
+            # qemu-storage-daemon serves one client per socket: one client per monitor.
+            clients = [RawClient(path) for path in daemon.sockets]
+            try:
+                for index, client in enumerate(clients):
+                    self.record(index, client.recv_message())
+                current = 0
+                for verb, arg in s.steps:
+                    if verb == "conn":
+                        current = int(arg)
+                    else:
+                        self.step(verb, arg, clients[current], current)
+            finally:
+                for client in clients:
+                    client.close()
+        return self.transcript
+
+    def step(self, verb: str, arg: str, client: RawClient, index: int) -> None:
+        if verb == "send":
+            self.sent(index, arg.encode())
+            client.send(arg.encode())
+        elif verb == "sendb":
+            data = ast.literal_eval(arg)
+            assert isinstance(data, bytes), arg
+            self.sent(index, data)
+            client.send(data)
+        elif verb == "cmd":
+            self.sent(index, arg.encode())
+            client.send(arg.encode())
+            while True:
+                message = client.recv_message()
+                self.record(index, message)
+                if not EVENT_START.match(message):
+                    break
+        elif verb == "expect":
+            for _ in range(int(arg)):
+                self.record(index, client.recv_message())
+        elif verb == "wait":
+            self.wait(arg, client, index)
+        elif verb == "settle":
+            messages, closed = client.recv_until_quiet(int(arg) / 1000)
+            for message in messages:
+                self.record(index, message)
+            if closed:
+                self.transcript.append(f"[{index}] <- EOF")
+        elif verb == "sleep":
+            time.sleep(int(arg) / 1000)
+        elif verb == "mask":
+            for key in arg.split():
+                self.masks.append(re.compile(rb'("' + re.escape(key.encode()) + rb'": )-?\d+'))
+        else:
+            raise ValueError(f"unknown step '{verb}'")
+
+    def wait(self, arg: str, client: RawClient, index: int) -> None:
+        name, *conditions = arg.split()
+        want = dict(c.split("=", 1) for c in conditions)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            message = client.recv_message(timeout=30)
+            self.record(index, message)
+            if EVENT_START.match(message):
+                event = json.loads(message)
+                data = event.get("data", {})
+                if event["event"] == name and all(str(data.get(k)) == v for k, v in want.items()):
+                    return
+        raise TimeoutError(f"{self.kind}: no {arg} within 30 s")
+
+    def sent(self, index: int, data: bytes) -> None:
+        self.transcript.append(f"[{index}] -> {data!r}")
+
+    def record(self, index: int, message: bytes) -> None:
+        message = TIMESTAMP.sub(b'"seconds": S, "microseconds": U', message)
+        message = MICRO.sub(b'"micro": M', message)
+        message = PACKAGE.sub(b'"package": P', message)
+        for mask in self.masks:
+            message = mask.sub(rb"\1#", message)
+        self.transcript.append(f"[{index}] <- {message.decode('latin-1')!r}")
+
+
+def scenario_paths() -> list[Path]:
+    return sorted((Path(__file__).parent / "scenarios").glob("*.qmp"))

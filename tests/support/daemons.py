@@ -1,0 +1,158 @@
+"""Start qmpjobd or qemu-storage-daemon as a subprocess on a unix socket.
+
+Both take the same command line (qmpjobd accepts qemu-storage-daemon's --chardev,
+--monitor and --blockdev), which is what lets one scenario run against both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+QSD = "qemu-storage-daemon"
+
+
+def oracle_path() -> str:
+    """The oracle binary; its absence is a test failure, never a skip."""
+    path = shutil.which(QSD)
+    if path is None:
+        raise RuntimeError(
+            "qemu-storage-daemon is not installed (Debian package qemu-system-common); "
+            "`make test` installs it when run as root"
+        )
+    return path
+
+
+def qmpjobd_command() -> list[str]:
+    return [sys.executable, "-m", "qmpjobd"]
+
+
+@dataclass
+class DaemonProcess:
+    """One running daemon with ``monitors`` unix sockets (c0, c1, ...)."""
+
+    kind: str  # "qmpjobd" or "qsd"
+    extra_args: list[str] = field(default_factory=list)
+    monitors: int = 1
+    pretty: set[int] = field(default_factory=set)
+    workdir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.kind}-"))
+        self.sockets = [str(self.tmp / f"c{i}.sock") for i in range(self.monitors)]
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        base = qmpjobd_command() if self.kind == "qmpjobd" else [oracle_path()]
+        args = list(self.extra_args)
+        for i, path in enumerate(self.sockets):
+            args += ["--chardev", f"socket,id=c{i},path={path},server=on,wait=off"]
+            args += ["--monitor", f"chardev=c{i}" + (",pretty=on" if i in self.pretty else "")]
+        return base + args
+
+    def start(self, timeout: float = 20.0) -> "DaemonProcess":
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        self.stderr_path = self.tmp / "stderr.log"
+        self.proc = subprocess.Popen(
+            self.argv(), cwd=self.workdir or self.tmp, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
+        )
+        deadline = time.monotonic() + timeout
+        while not all(os.path.exists(p) for p in self.sockets):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited at start-up: {self.stderr()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.kind} did not create its sockets: {self.stderr()}")
+            time.sleep(0.01)
+        return self
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "DaemonProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RawClient:
+    """A blocking raw-socket QMP client: exact bytes in, exact messages out."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buffer = b""
+
+    def send(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def recv_message(self, timeout: float | None = None) -> bytes:
+        """The next whole message, including its final CRLF (pretty ones span lines)."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        while True:
+            end = self._message_end()
+            if end is not None:
+                message, self.buffer = self.buffer[:end], self.buffer[end:]
+                return message
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buffer += chunk
+
+    def _message_end(self) -> int | None:
+        # A message ends at a CRLF that follows a top-level closing brace: in
+        # compact mode that is every CRLF; in pretty mode the closing "}" sits at
+        # the start of its line.
+        start = 0
+        while True:
+            idx = self.buffer.find(b"\r\n", start)
+            if idx < 0:
+                return None
+            line_start = self.buffer.rfind(b"\n", 0, idx) + 1
+            line = self.buffer[line_start:idx]
+            if line.endswith(b"}") and (line == b"}" or line.startswith(b"{")):
+                return idx + 2
+            start = idx + 2
+
+    def recv_until_quiet(self, quiet: float) -> tuple[list[bytes], bool]:
+        """Messages that arrive until ``quiet`` seconds pass without one, and
+        whether the server closed the connection."""
+        messages = []
+        while True:
+            try:
+                messages.append(self.recv_message(timeout=quiet))
+            except (socket.timeout, TimeoutError):
+                return messages, False
+            except EOFError:
+                return messages, True
+
+    def close(self) -> None:
+        self.sock.close()
