@@ -1,0 +1,96 @@
+"""Real QMP clients against qmpjobd: qemu.qmp's QMPClient and qmp-shell."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import time
+
+from qemu.qmp import ExecuteError, QMPClient
+
+from tests.support.daemons import REPO
+
+
+async def test_qmpclient_negotiates_executes_and_gets_events(daemon):
+    client = QMPClient("test")
+    await client.connect(daemon.sockets[0])
+    try:
+        assert client.greeting["QMP"]["version"]["qemu"]["major"] == 7
+        version = await client.execute("query-version")
+        assert version["package"].startswith("qmpjobd")
+        names = {c["name"] for c in await client.execute("query-commands")}
+        assert {"qmp_capabilities", "query-jobs", "blockdev-backup", "quit"} <= names
+        try:
+            await client.execute("job-dismiss", {"id": "nope"})
+        except ExecuteError as err:
+            assert err.error_class == "GenericError" and str(err) == "Job not found"
+        else:
+            raise AssertionError("job-dismiss of an unknown job succeeded")
+        with client.listen() as listener:
+            await client.execute("blockdev-backup", {"device": "src", "target": "tgt", "sync": "full", "job-id": "j0"})
+            statuses = []
+            async for event in listener:
+                if event["event"] == "JOB_STATUS_CHANGE":
+                    statuses.append(event["data"]["status"])
+                if statuses[-1:] == ["null"]:
+                    break
+        assert statuses[0] == "created" and "waiting" in statuses and statuses[-1] == "null"
+    finally:
+        await client.disconnect()
+
+
+def qmp_shell() -> str:
+    path = shutil.which("qmp-shell") or os.path.join(os.path.dirname(sys.executable), "qmp-shell")
+    assert os.path.exists(path), "qmp-shell (from qemu.qmp) is not installed"
+    return path
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 15) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"timed out waiting for {needle!r}; got {data!r}"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_qmp_shell_session_banner_query_and_completion(daemon):
+    """qmp-shell in a pseudo-terminal: banner, a query, and tab completion that
+    comes from query-commands."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.execv(qmp_shell(), [qmp_shell(), daemon.sockets[0]])
+    try:
+        banner = read_until(fd, b"(QEMU) ")
+        assert b"Welcome to the QMP low-level shell!" in banner
+        assert b"Connected to QEMU 7.2.0" in banner
+        os.write(fd, b"query-version\n")
+        out = read_until(fd, b"(QEMU) ")
+        assert b'"package": "qmpjobd' in out
+        os.write(fd, b"query-bl\t")
+        completed = read_until(fd, b"query-block-jobs")
+        assert b"query-block-jobs" in completed
+        os.write(fd, b"\n")
+        out = read_until(fd, b"(QEMU) ")
+        assert b'{"return": []}' in out
+        os.write(fd, b"job-dismiss id=nope\n")
+        out = read_until(fd, b"(QEMU) ")
+        assert b"Job not found" in out
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(fd)
