@@ -4,7 +4,11 @@ A scenario is a text file of steps, one per line (``#`` starts a comment):
 
     args: ARGS...        daemon command-line arguments (shared by both daemons)
     monitors: N          open N monitors (default 1); ``pretty: I`` makes monitor I pretty
+    image: NAME SIZE PAT create file NAME in the daemon's working directory before it
+                         starts; PAT is ``zero``, ``random:SEED`` or ``sparse:SEED``
+                         (random data with holes); same bytes for both daemons
     mask: KEY...         replace the numeric value of these keys by ``#`` from now on
+    digest: NAME         record the sha256 of file NAME (target contents must match)
     conn: I              later steps use the client on monitor I
     send: TEXT           send TEXT exactly (UTF-8, no newline added)
     sendb: PYBYTES       send a Python bytes literal, e.g. b'{"execute":\\xff}'
@@ -23,7 +27,9 @@ running jobs, ``busy``): the documented short list in tests/conformance/README.m
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import random
 import re
 import shlex
 import time
@@ -44,6 +50,7 @@ class Scenario:
     args: list[str] = field(default_factory=list)
     monitors: int = 1
     pretty: set[int] = field(default_factory=set)
+    images: list[tuple[str, int, str]] = field(default_factory=list)
     steps: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
@@ -63,6 +70,9 @@ class Scenario:
                 scenario.monitors = int(rest)
             elif verb == "pretty":
                 scenario.pretty.add(int(rest))
+            elif verb == "image":
+                name, size, pattern = rest.split()
+                scenario.images.append((name, int(size), pattern))
             else:
                 scenario.steps.append((verb, rest))
         return scenario
@@ -76,10 +86,16 @@ class Player:
         self.kind = kind
         self.transcript: list[str] = []
         self.masks: list[re.Pattern[bytes]] = []
+        self.events: list[dict] = []  # every event received, for ``wait``
+        self.wait_cursor = 0
 
     def play(self) -> list[str]:
         s = self.scenario
-        with DaemonProcess(self.kind, s.args, monitors=s.monitors, pretty=s.pretty) as daemon:
+        daemon = DaemonProcess(self.kind, s.args, monitors=s.monitors, pretty=s.pretty)
+        for name, size, pattern in s.images:
+            write_image(daemon.tmp / name, size, pattern)
+        self.workdir = daemon.tmp
+        with daemon:
             # qemu-storage-daemon serves one client per socket: one client per monitor.
             clients = [RawClient(path) for path in daemon.sockets]
             try:
@@ -126,6 +142,9 @@ class Player:
                 self.transcript.append(f"[{index}] <- EOF")
         elif verb == "sleep":
             time.sleep(int(arg) / 1000)
+        elif verb == "digest":
+            digest = hashlib.sha256((self.workdir / arg).read_bytes()).hexdigest()
+            self.transcript.append(f"[{index}] sha256({arg}) = {digest}")
         elif verb == "mask":
             for key in arg.split():
                 self.masks.append(re.compile(rb'("' + re.escape(key.encode()) + rb'": )-?\d+'))
@@ -133,29 +152,54 @@ class Player:
             raise ValueError(f"unknown step '{verb}'")
 
     def wait(self, arg: str, client: RawClient, index: int) -> None:
+        """Wait for an event; one that already arrived (e.g. before a reply) counts."""
         name, *conditions = arg.split()
         want = dict(c.split("=", 1) for c in conditions)
+
+        def matches(event: dict) -> bool:
+            data = event.get("data", {})
+            return event["event"] == name and all(str(data.get(k)) == v for k, v in want.items())
+
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            message = client.recv_message(timeout=30)
-            self.record(index, message)
-            if EVENT_START.match(message):
-                event = json.loads(message)
-                data = event.get("data", {})
-                if event["event"] == name and all(str(data.get(k)) == v for k, v in want.items()):
+        while True:
+            for position in range(self.wait_cursor, len(self.events)):
+                if matches(self.events[position]):
+                    self.wait_cursor = position + 1
                     return
-        raise TimeoutError(f"{self.kind}: no {arg} within 30 s")
+            self.wait_cursor = len(self.events)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.kind}: no {arg} within 30 s")
+            self.record(index, client.recv_message(timeout=30))
 
     def sent(self, index: int, data: bytes) -> None:
         self.transcript.append(f"[{index}] -> {data!r}")
 
     def record(self, index: int, message: bytes) -> None:
+        if EVENT_START.match(message):
+            self.events.append(json.loads(message))
         message = TIMESTAMP.sub(b'"seconds": S, "microseconds": U', message)
         message = MICRO.sub(b'"micro": M', message)
         message = PACKAGE.sub(b'"package": P', message)
         for mask in self.masks:
             message = mask.sub(rb"\1#", message)
         self.transcript.append(f"[{index}] <- {message.decode('latin-1')!r}")
+
+
+def write_image(path: Path, size: int, pattern: str) -> None:
+    """Deterministic image contents, so both daemons start from the same bytes."""
+    kind, _, seed = pattern.partition(":")
+    rng = random.Random(int(seed or 0))
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if kind == "zero":
+            return
+        chunk = 1 << 16
+        for offset in range(0, size, chunk):
+            # sparse: every third chunk stays a hole
+            if kind == "sparse" and (offset // chunk) % 3 == 1:
+                continue
+            f.seek(offset)
+            f.write(rng.randbytes(min(chunk, size - offset)))
 
 
 def scenario_paths() -> list[Path]:
