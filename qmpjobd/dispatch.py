@@ -39,6 +39,9 @@ class Dispatcher:
             result = self.run(session, request, connection)
         except QMPError as err:
             return session.error_reply(request, err)
+        except Exception as exc:  # a bug: keep the connection and the daemon alive
+            log.exception("internal error in command %s", request.name)
+            return session.error_reply(request, QMPError(f"internal error in qmpjobd: {exc}"))
         return session.reply(request, result)
 
     def run(self, session: Session, request: Request, connection: Any) -> Any:

@@ -88,6 +88,7 @@ class Player:
         self.masks: list[re.Pattern[bytes]] = []
         self.events: list[dict] = []  # every event received, for ``wait``
         self.wait_cursor = 0
+        self.stderr = ""
 
     def play(self) -> list[str]:
         s = self.scenario
@@ -110,6 +111,7 @@ class Player:
             finally:
                 for client in clients:
                     client.close()
+                self.stderr = daemon.stderr()
         return self.transcript
 
     def step(self, verb: str, arg: str, client: RawClient, index: int) -> None:

@@ -14,7 +14,12 @@ from tests.conformance.runner import Player, Scenario, scenario_paths
 def test_scenario_matches_qemu(path):
     scenario = Scenario.load(path)
     expected = Player(scenario, "qsd").play()
-    actual = Player(scenario, "qmpjobd").play()
+    player = Player(scenario, "qmpjobd")
+    try:
+        actual = player.play()
+    except Exception as exc:
+        pytest.fail(f"{path.name}: {exc!r}\nqmpjobd stderr:\n{player.stderr}\ntranscript so far:\n"
+                    + "\n".join(player.transcript[-10:]))
     if expected != actual:
         diff = "\n".join(difflib.unified_diff(expected, actual, "qemu-storage-daemon", "qmpjobd", lineterm=""))
-        pytest.fail(f"transcripts differ for {path.name}:\n{diff}")
+        pytest.fail(f"transcripts differ for {path.name}:\n{diff}\nqmpjobd stderr:\n{player.stderr}")
