@@ -1,0 +1,154 @@
+"""``blkdebug``: error injection in front of an ``image`` child.
+
+Rule model (checked against qemu-io/qemu-storage-daemon 7.2, see tests):
+
+* ``inject-error`` rules belong to an ``event``. A rule becomes *active* when its
+  event fires on this node. When an event that has matching inject rules fires, the
+  active list is replaced by those rules (in declaration order); events without
+  rules leave it alone. Rules on ``none`` are active from the start.
+* Events fire from the node's parent and from the block layer: a ``raw`` parent
+  announces ``read_aio`` before a read and ``write_aio`` before a write; every write
+  reaching this node fires ``pwritev`` first and ``pwritev_done`` after. A job that
+  reads a blkdebug node directly therefore never fires ``read_aio``.
+* Each request (read, write, flush) checks the active rules in order. The first rule
+  whose ``iotype`` (default: read, write, write-zeroes, discard, flush) and
+  ``sector`` (default: any; a request covering byte ``sector*512`` matches) match
+  fails the request with ``-errno`` (default EIO; 0 or negative means no error).
+  ``once`` removes the rule for good after it fired. Without ``immediately`` the
+  error is returned after one trip through the event loop, as QEMU does.
+* A rule with ``state`` only takes part while the node's state (initially 1) equals
+  it; ``set-state`` rules change the state when their event fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from dataclasses import dataclass
+
+from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.errors import QMPError
+
+SECTOR = 512
+DEFAULT_IOTYPES = frozenset({"read", "write", "write-zeroes", "discard", "flush"})
+
+
+@dataclass
+class InjectRule:
+    event: str
+    state: int            # 0 = any state
+    errno: int
+    sector: int           # -1 = any offset
+    once: bool
+    immediately: bool
+    iotypes: frozenset[str]
+
+    def matches(self, offset: int, length: int, iotype: str) -> bool:
+        if iotype not in self.iotypes:
+            return False
+        if self.sector == -1:
+            return True
+        target = self.sector * SECTOR
+        return length > 0 and offset <= target < offset + length
+
+
+@dataclass
+class SetStateRule:
+    event: str
+    state: int
+    new_state: int
+
+
+class BlkdebugNode(BlockNode):
+    driver = "blkdebug"
+    is_filter = True
+    child_roles = ("image",)
+    strong_options = ("config", "inject-error.", "set-state.", "align", "max-transfer",
+                      "opt-write-zero", "max-write-zero", "opt-discard", "max-discard")
+
+    @classmethod
+    def check_children(cls, children: dict[str, BlockNode]) -> None:
+        if "image" not in children:
+            raise QMPError("Parameter 'image' is missing")
+
+    def open(self) -> None:
+        if "config" in self.options:
+            raise QMPError("blkdebug option 'config' is not supported by qmpjobd; "
+                           "give the rules as inject-error/set-state")
+        align = self.options.get("align")
+        if align is not None and (align <= 0 or align & (align - 1) or align >= 2**31):
+            raise QMPError(f"Cannot meet constraints with align {align}")
+        self.inject_rules = [self._inject_rule(r) for r in self.options.get("inject-error", [])]
+        self.state_rules = [SetStateRule(r["event"], r.get("state", 0), r["new_state"])
+                            for r in self.options.get("set-state", [])]
+        self.state = 1
+        self.active: list[InjectRule] = [r for r in self.inject_rules if r.event == "none"]
+        self.size = self.children["image"].size
+
+    @staticmethod
+    def _inject_rule(options: dict) -> InjectRule:
+        iotype = options.get("iotype")
+        return InjectRule(
+            event=options["event"],
+            state=options.get("state", 0),
+            errno=options.get("errno", errno.EIO),
+            sector=options.get("sector", -1),
+            once=bool(options.get("once", False)),
+            immediately=bool(options.get("immediately", False)),
+            iotypes=DEFAULT_IOTYPES if iotype is None else frozenset({iotype}),
+        )
+
+    # --- events and rules -------------------------------------------------------
+
+    def debug_event(self, event: str) -> None:
+        new_state = self.state
+        fired = [r for r in self.inject_rules
+                 if r.event == event and r.state in (0, self.state)]
+        if fired:
+            self.active = fired
+        for rule in self.state_rules:
+            if rule.event == event and rule.state in (0, self.state):
+                new_state = rule.new_state
+        self.state = new_state
+
+    async def _check_rules(self, offset: int, length: int, iotype: str) -> None:
+        rule = next((r for r in self.active if r.matches(offset, length, iotype)), None)
+        if rule is None or rule.errno <= 0:
+            return
+        if rule.once:
+            self.active.remove(rule)
+            self.inject_rules.remove(rule)
+        if not rule.immediately:
+            await _next_loop_iteration()
+        raise io_error(rule.errno)
+
+    # --- I/O ----------------------------------------------------------------------
+
+    async def _preadv(self, offset: int, length: int) -> bytes:
+        await self._check_rules(offset, length, "read")
+        return await self.children["image"].co_pread(offset, length)
+
+    async def _pwritev(self, offset: int, data: bytes) -> None:
+        self.debug_event("pwritev")
+        await self._check_rules(offset, len(data), "write")
+        await self.children["image"].co_pwrite(offset, data)
+        self.debug_event("pwritev_done")
+
+    async def _flush(self) -> None:
+        await self._check_rules(0, 0, "flush")
+        await self.children["image"].co_flush()
+
+    def exact_filename(self) -> str | None:
+        if self.own_strong_options():
+            return None
+        inner = self.children["image"].exact_filename()
+        return None if inner is None else f"blkdebug::{inner}"
+
+
+async def _next_loop_iteration() -> None:
+    """Yield to the event loop once (QEMU: aio_co_schedule + qemu_coroutine_yield).
+
+    A bare ``sleep(0)`` yields None, which the job engine re-enters on the next loop
+    turn, as asyncio's Task does.
+    """
+    await asyncio.sleep(0)

@@ -1,0 +1,50 @@
+"""``null-co``: a node of a given size that discards writes and reads nothing.
+
+Options (QAPI BlockdevOptionsNull): ``size`` (default 1 GiB), ``read-zeroes``
+(block status reports zeroes), ``latency-ns`` (every request first waits that long
+on the daemon clock; without it requests complete without yielding).
+"""
+
+from __future__ import annotations
+
+from qmpjobd.block.node import BlockNode
+from qmpjobd.errors import QMPError
+
+DEFAULT_SIZE = 1 << 30
+SECTOR = 512
+
+
+class NullNode(BlockNode):
+    driver = "null-co"
+    strong_options = ("size", "read-zeroes")
+
+    def open(self) -> None:
+        self.latency_ns: int = self.options.get("latency-ns", 0)
+        if self.latency_ns < 0:
+            raise QMPError("latency-ns is invalid")
+        self.read_zeroes: bool = bool(self.options.get("read-zeroes", False))
+        # QEMU keeps the length in 512-byte sectors, rounding up.
+        requested = self.options.get("size", DEFAULT_SIZE)
+        self.size = -(-requested // SECTOR) * SECTOR
+
+    async def _wait(self) -> None:
+        if self.latency_ns:
+            await self.graph.clock.sleep_ns(self.latency_ns)
+
+    async def _preadv(self, offset: int, length: int) -> bytes:
+        await self._wait()
+        # Without read-zeroes QEMU leaves the buffer untouched ("unspecified");
+        # zeroes are one valid instance of that and keep copies deterministic.
+        return bytes(length)
+
+    async def _pwritev(self, offset: int, data: bytes) -> None:
+        await self._wait()
+
+    def block_status(self, offset: int, length: int) -> tuple[str, int]:
+        return ("zero" if self.read_zeroes else "unknown", length)
+
+    def exact_filename(self) -> str | None:
+        return None if self.own_strong_options() else "null-co://"
+
+    def actual_size(self) -> int | None:
+        return 0

@@ -1,0 +1,80 @@
+"""``raw``: the raw format on top of a protocol child (``file``), optionally a window.
+
+Options (QAPI BlockdevOptionsRaw): ``file`` (inline child or node-name reference),
+``offset`` (default 0) and ``size`` (default: the rest of the child). Like QEMU, raw
+announces ``read_aio``/``write_aio`` debug events to its child before each request,
+which is what makes blkdebug rules on those events fire.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.errors import QMPError
+
+SECTOR = 512
+
+
+class RawNode(BlockNode):
+    driver = "raw"
+    is_format = True
+    child_roles = ("file",)
+    strong_options = ("offset", "size")
+
+    @classmethod
+    def check_children(cls, children: dict[str, BlockNode]) -> None:
+        if "file" not in children:
+            raise QMPError("Parameter 'file' is missing")
+
+    def open(self) -> None:
+        child = self.children["file"]
+        child_size = child.size
+        self.offset: int = self.options.get("offset", 0)
+        self.has_size = "size" in self.options
+        if self.offset > child_size:
+            raise QMPError(f"Offset ({self.offset}) cannot be greater than size of "
+                           f"the containing file ({child_size})")
+        if self.has_size:
+            size = self.options["size"]
+            if size % SECTOR:
+                raise QMPError("Specified size is not multiple of 512")
+            if self.offset + size > child_size:
+                raise QMPError(f"The sum of offset ({self.offset}) and size ({size}) has "
+                               "to be smaller or equal to the  actual size of the "
+                               f"containing file ({child_size})")
+        else:
+            size = child_size - self.offset
+        self.window = size
+        # QEMU keeps lengths in whole sectors.
+        self.size = -(-size // SECTOR) * SECTOR
+
+    def child_offset(self) -> int:
+        return self.offset
+
+    async def _preadv(self, offset: int, length: int) -> bytes:
+        child = self.children["file"]
+        child.debug_event("read_aio")
+        if self.has_size and offset + length > self.window:
+            raise io_error(errno.EINVAL)
+        return await child.co_pread(self.offset + offset, length)
+
+    async def _pwritev(self, offset: int, data: bytes) -> None:
+        child = self.children["file"]
+        child.debug_event("write_aio")
+        if self.has_size and offset + len(data) > self.window:
+            raise io_error(errno.ENOSPC)
+        await child.co_pwrite(self.offset + offset, data)
+
+    def host_file(self) -> tuple[int, int] | None:
+        inner = self.children["file"].host_file()
+        if inner is None:
+            return None
+        fd, base = inner
+        return (fd, base + self.offset)
+
+    def exact_filename(self) -> str | None:
+        # A raw node without its own options is described by its child's name.
+        if self.own_strong_options():
+            return None
+        return self.children["file"].exact_filename()

@@ -1,0 +1,401 @@
+"""The mirror job: copy a source node onto a target node, stay in sync, then pivot.
+
+Shape of QEMU 7.2's mirror.c (what the transcripts show):
+
+* Creation inserts an implicit ``mirror_top`` filter above the source; the job's main
+  node is that filter. Filter, source and target are blocked ("busy"); the target is
+  held through a BlockBackend, so blockdev-del says "Node <t> is in use" for it.
+* ``run()`` checks the sizes ("Source and target image have different sizes" is a
+  run-time failure), marks the dirty bitmap (everything for full/top, nothing for
+  none), then loops: dispatch one *iteration* (at most ``buf-size`` bytes of dirty
+  chunks, split into operations of ``max(buf-size/16, 1 MiB)``, run as concurrent
+  coroutines), wait for operations when the buffer or the 16 slots are used up, and
+  sleep for the rate limit accounted for the iteration. When nothing is dirty and
+  nothing is in flight, the target is flushed and the job becomes READY.
+* A failed operation re-marks its chunk dirty and applies ``on-source-error`` (read)
+  or ``on-target-error`` (write); the operations already dispatched still complete
+  and count, which is why a failure of the first MiB reports ``offset`` 7340032 on
+  an 8 MiB source. ``report`` ends the job at the next loop turn; ``stop`` pauses it
+  (the chunk is retried after resume); ``ignore`` retries at once.
+* A READY job with nothing to do waits until it is completed, cancelled or paused
+  (QEMU polls every 100 ms; nothing can make it dirty here, as there are no guest
+  writes).
+* ``job-complete`` sets should-complete; the job leaves ``run()`` and its prepare
+  step pivots: parents of the replaced node (default: the source) now use the
+  target. A soft cancel (block-job-cancel without force) of a READY job also leaves
+  ``run()`` successfully, but without pivot. Any other cancel is a force cancel.
+* Between leaving ``run()`` and its prepare/abort step the source stays drained,
+  which is why a PENDING mirror shows ``paused: true`` in query-block-jobs.
+
+Zero extents of the source (holes of a sparse file, null-co with read-zeroes) are
+written as zeroes, skipped when the target already reads as zero there, so a sparse
+source gives a sparse-where-possible target with identical contents.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from qmpjobd.block.drivers.mirror_top import MirrorTopNode
+from qmpjobd.block.jobs.base import BlockJob
+from qmpjobd.block.offload import copy_range, failed_on_read
+from qmpjobd.errors import QMPError
+from qmpjobd.job.coroutine import CoroutineRunner
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.graph import BlockGraph
+    from qmpjobd.block.node import BlockNode
+    from qmpjobd.job.manager import JobManager
+
+KiB = 1024
+MiB = 1024 * KiB
+MAX_IN_FLIGHT = 16
+MAX_IO_BYTES = 1 * MiB
+DEFAULT_BUF_SIZE = MAX_IN_FLIGHT * MAX_IO_BYTES
+DEFAULT_GRANULARITY = 64 * KiB
+GRANULARITY_MIN = 512
+GRANULARITY_MAX = 64 * MiB
+
+
+def check_granularity(granularity: int) -> None:
+    """blockdev_mirror_common's checks, in QEMU's order (0 means default)."""
+    if granularity and (granularity < GRANULARITY_MIN or granularity > GRANULARITY_MAX):
+        raise QMPError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if granularity & (granularity - 1):
+        raise QMPError("Parameter 'granularity' expects a power of 2")
+
+
+class DirtyBitmap:
+    """Dirty chunks of ``granularity`` bytes; counts are bytes of whole chunks."""
+
+    def __init__(self, length: int, granularity: int) -> None:
+        self.length = length
+        self.granularity = granularity
+        self.bits = bytearray(-(-length // granularity))
+        self.dirty_chunks = 0
+
+    @property
+    def dirty_bytes(self) -> int:
+        """Bytes covered by dirty chunks (the last chunk may be short)."""
+        total = self.dirty_chunks * self.granularity
+        if self.bits and self.bits[-1]:
+            total -= len(self.bits) * self.granularity - self.length
+        return total
+
+    def set(self, offset: int, length: int, dirty: bool) -> None:
+        first = offset // self.granularity
+        last = min(len(self.bits), -(-(offset + length) // self.granularity))
+        value = 1 if dirty else 0
+        for index in range(first, last):
+            if self.bits[index] != value:
+                self.bits[index] = value
+                self.dirty_chunks += 1 if dirty else -1
+
+    def next_dirty_run(self, start: int, max_bytes: int) -> tuple[int, int] | None:
+        """First run of dirty chunks at or after byte ``start`` (wrapping once)."""
+        first = self.bits.find(1, start // self.granularity)
+        if first < 0:
+            first = self.bits.find(1)
+            if first < 0:
+                return None
+        limit = min(len(self.bits), first + max(max_bytes // self.granularity, 1))
+        clean = self.bits.find(0, first, limit)
+        end = limit if clean < 0 else clean
+        offset = first * self.granularity
+        return offset, min(end * self.granularity, self.length) - offset
+
+
+class MirrorJob(BlockJob):
+    """``blockdev-mirror`` / ``drive-mirror`` job (type ``mirror``)."""
+
+    job_type = "mirror"
+    can_complete = True
+
+    def __init__(self, manager: "JobManager", graph: "BlockGraph", job_id: str | None,
+                 source: "BlockNode", target: "BlockNode", *, sync: str = "full",
+                 replaces: "BlockNode | None" = None, speed: int = 0, granularity: int = 0,
+                 buf_size: int = 0, on_source_error: str = "report",
+                 on_target_error: str = "report", auto_finalize: bool = True,
+                 auto_dismiss: bool = True, filter_node_name: str | None = None,
+                 zero_target: bool = True) -> None:
+        """QEMU's mirror_start_job, from the buf-size check to the attached target."""
+        if buf_size < 0:
+            raise QMPError("Invalid parameter 'buf-size'")
+        if source is target:
+            raise QMPError("Can't mirror node into itself")
+        self.graph = graph
+        self.source = source
+        self.target = target
+        self.sync = sync
+        # blockdev-mirror full: make the whole target equal (QEMU's zero_target);
+        # drive-mirror onto a new image: the target reads zeroes already.
+        self.zero_target = zero_target
+        self.replaces = replaces if replaces is not None else source
+        self.granularity = granularity or DEFAULT_GRANULARITY
+        self.buf_size = buf_size or DEFAULT_BUF_SIZE
+        self.max_io_bytes = max(self.buf_size // MAX_IN_FLIGHT, MAX_IO_BYTES)
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.length = source.size
+        self.dirty = DirtyBitmap(self.length, self.granularity)
+        self.should_complete = False
+        self.synced = False
+        self.failure_ret = 0
+        self._ops: set[CoroutineRunner] = set()
+        self._bytes_in_flight = 0
+        self._ops_changed = object()      # park reason: an operation finished
+        self._source_drained = False
+        self._errors_seen = False
+        self.filter = graph.insert_filter(MirrorTopNode, filter_node_name, source)
+        try:
+            super().__init__(manager, job_id, self.filter, block_main=True, speed=speed,
+                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        except BaseException:
+            graph.drop_filter(self.filter)
+            raise
+        try:
+            if target.read_only:
+                raise QMPError("Block node is read-only")
+            self.attach_node(target, block=True)
+            target.backend_users.append(self)
+            self.attach_node(source, block=True)
+        except QMPError:
+            self._exit_common()
+            self.early_fail()
+            raise
+        source.dirty_bitmaps.append(self._bitmap_info)
+
+    # ------------------------------------------------------------------ hooks
+
+    def cancel_is_forced(self, force: bool) -> bool:
+        # A soft cancel only exists for a READY (or STANDBY) mirror.
+        return force or not self.is_ready
+
+    def complete_request(self) -> None:
+        if not self.synced:
+            raise QMPError(f"The active block job '{self.id}' cannot be completed")
+        if self.replaces is not self.source and self.graph.find(self.replaces.node_name) is None:
+            raise QMPError(f"Node name '{self.replaces.node_name}' not found")
+        self.should_complete = True
+        if not self.paused:
+            self.enter()
+
+    async def on_pause(self) -> None:
+        # QEMU's mirror_pause: no operation may be in flight while paused.
+        await self._wait_for_all_ops()
+
+    def prepare(self) -> int:
+        pivot = self.should_complete and not self.is_cancelled
+        if pivot:
+            self.graph.replace_node(self.replaces, self.target, keep=self.filter)
+        self._exit_common()
+        return 0
+
+    def abort(self) -> None:
+        self._exit_common()
+
+    def clean(self) -> None:
+        self._exit_common()
+        if self._bitmap_info in self.source.dirty_bitmaps:
+            self.source.dirty_bitmaps.remove(self._bitmap_info)
+        if self in self.target.backend_users:
+            self.target.backend_users.remove(self)
+        super().clean()
+
+    def on_free(self) -> None:
+        self.clean()
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            await self._wait_for_all_ops()
+            # The source stays drained until prepare/abort (mirror_exit_common).
+            if not self._source_drained:
+                self._source_drained = True
+                self.graph.drained_begin([self.source])
+
+    async def _run(self) -> int:
+        if self.target.size != self.length:
+            raise QMPError("Source and target image have different sizes")
+        if self.sync != "none" and self.length:
+            await self._dirty_init()
+        while True:
+            if self.failure_ret:
+                return self.failure_ret
+            await self.pause_point()
+            if self.is_cancelled:
+                return 0
+            dirty_bytes = self.dirty.dirty_bytes
+            self.progress_set_remaining(self._bytes_in_flight + dirty_bytes)
+            if self._ops and (len(self._ops) >= MAX_IN_FLIGHT or dirty_bytes == 0
+                              or self._bytes_in_flight >= self.buf_size):
+                await self._wait_for_any_op()
+                continue
+            delay_ns = await self._iteration() if dirty_bytes else 0
+            should_complete = False
+            # Decided on the count from before this turn's iteration, as QEMU does:
+            # a rate-limited mirror sleeps once more before it becomes READY.
+            if not self._ops and dirty_bytes == 0:
+                if not self.synced:
+                    if await self._flush_target():
+                        continue
+                    self.synced = True
+                    self.ready()
+                should_complete = self.should_complete or self.cancel_requested
+            if should_complete and not self.dirty.dirty_chunks:
+                return 0
+            if self.synced and not should_complete and not self._ops \
+                    and not self.dirty.dirty_chunks:
+                # In sync and idle: wait for complete, cancel or pause.
+                await self.yield_()
+            elif delay_ns:
+                await self.sleep_ns(delay_ns)
+            elif self._errors_seen:
+                # A failing request is retried; give the loop a turn in between.
+                self._errors_seen = False
+                await self.park_until_woken(timeout_ns=0)
+                await self.pause_point()
+            else:
+                # QEMU sleeps 0 ns here, and its timer fires before the command's
+                # reply goes out; passing the pause point keeps that order.
+                await self.pause_point()
+            if self.is_cancelled:
+                return 0
+
+    async def _dirty_init(self) -> None:
+        """QEMU's mirror_dirty_init for full/top sync without backing files."""
+        if self.zero_target and not self.target.can_write_zeroes_with_unmap():
+            self.dirty.set(0, self.length, dirty=True)
+            return
+        if self.zero_target:
+            await self._zero_whole_target()
+        offset = 0
+        while offset < self.length:
+            await self.pause_point()
+            kind, count = self.source.block_status(offset, self.length - offset)
+            count = max(count, 1)
+            if kind != "unknown":          # allocated in the source's top layer
+                self.dirty.set(offset, count, dirty=True)
+            offset += count
+
+    async def _zero_whole_target(self) -> None:
+        offset = 0
+        while offset < self.length:
+            size = min(self.max_io_bytes, self.length - offset)
+            try:
+                await self._write_zeroes(offset, size)
+            except OSError as exc:
+                # QEMU lets the copy loop find the error again: mark it dirty.
+                self.dirty.set(offset, size, dirty=True)
+                if exc.errno is None:
+                    raise
+            offset += size
+
+    async def _flush_target(self) -> bool:
+        """Flush before READY; True when it failed (the loop then checks again)."""
+        try:
+            await self.target.co_flush()
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+            self._errors_seen = True
+            action = self.error_action(self.on_target_error, False, error)
+            if action == "report" and not self.failure_ret:
+                self.failure_ret = -error
+            return True
+        return False
+
+    # ------------------------------------------------------------------ copying
+
+    async def _iteration(self) -> int:
+        """Dispatch up to buf-size bytes of dirty chunks; returns the rate-limit delay."""
+        run = self.dirty.next_dirty_run(0, self.buf_size)
+        if run is None:
+            return 0
+        offset, length = run
+        end = offset + length
+        accounted = 0
+        while offset < end:
+            size = min(self.max_io_bytes, end - offset)
+            while self._ops and (len(self._ops) >= MAX_IN_FLIGHT
+                                 or self._bytes_in_flight + size > self.buf_size):
+                await self._wait_for_any_op()
+            kind, status_bytes = self.source.block_status(offset, size)
+            if kind == "zero" and status_bytes < size:
+                # Zero only whole chunks that are zero; a shorter zero extent is
+                # part of a chunk holding data, which must be copied.
+                whole = status_bytes - status_bytes % self.granularity
+                if whole:
+                    size = whole
+                else:
+                    kind = "data"
+            if kind != "zero":
+                accounted += size
+            self.dirty.set(offset, size, dirty=False)
+            self._start_op(offset, size, zero=(kind == "zero"))
+            offset += size
+        return self.ratelimit_delay_ns(accounted)
+
+    def _start_op(self, offset: int, length: int, zero: bool) -> None:
+        self._bytes_in_flight += length
+        runner = CoroutineRunner(self._op(offset, length, zero), on_done=self._op_done,
+                                 name=f"mirror {self.id} op {offset}")
+        self._ops.add(runner)
+        runner.enter()
+
+    async def _op(self, offset: int, length: int, zero: bool) -> None:
+        failure: tuple[bool, int] | None = None
+        try:
+            if zero:
+                await self._write_zeroes(offset, length)
+            else:
+                await copy_range(self.source, offset, self.target, offset, length)
+        except OSError as exc:
+            failure = (failed_on_read(exc), exc.errno or errno.EIO)
+        self._bytes_in_flight -= length
+        if failure is None:
+            self.progress_update(length)
+            return
+        self._errors_seen = True
+        self.dirty.set(offset, length, dirty=True)
+        is_read, error = failure
+        policy = self.on_source_error if is_read else self.on_target_error
+        action = self.error_action(policy, is_read, error)
+        if action == "report" and not self.failure_ret:
+            self.failure_ret = -error
+
+    async def _write_zeroes(self, offset: int, length: int) -> None:
+        kind, count = self.target.block_status(offset, length)
+        if kind == "zero" and count >= length:
+            return
+        await self.target.co_pwrite(offset, bytes(length))
+
+    def _op_done(self, runner: CoroutineRunner) -> None:
+        self._ops.discard(runner)
+        self.wake(self._ops_changed)
+
+    async def _wait_for_any_op(self) -> None:
+        if self._ops:
+            await self.park_until_woken(self._ops_changed)
+
+    async def _wait_for_all_ops(self) -> None:
+        while self._ops:
+            await self.park_until_woken(self._ops_changed)
+
+    # ------------------------------------------------------------------ exit
+
+    def _exit_common(self) -> None:
+        """Drop the filter and end the exit drain (idempotent)."""
+        if self._source_drained:
+            self._source_drained = False
+            self.graph.drained_end([self.source])
+        if self.filter.node_name in self.graph.nodes:
+            self.graph.drop_filter(self.filter)
+
+    def _bitmap_info(self) -> dict:
+        """BlockDirtyInfo of the job's bitmap on the source (QAPI declaration order)."""
+        return {"count": self.dirty.dirty_bytes, "granularity": self.granularity,
+                "recording": True, "busy": False, "persistent": False}

@@ -1,0 +1,385 @@
+"""The block node: one entry of the graph, with its children, users and I/O entry points.
+
+A driver subclasses :class:`BlockNode` and implements ``_preadv``/``_pwritev`` (plus
+``open`` for its options). The public ``co_pread``/``co_pwrite`` wrap them with the
+checks QEMU's generic block layer does (bounds, read-only), so every driver behaves the
+same at the edges.
+
+I/O methods are coroutines awaited from job coroutines that the job engine steps by
+hand. A driver that needs no waiting simply returns: awaiting it then completes without
+yielding, exactly like a QEMU coroutine that never enters the main loop. A driver that
+waits awaits an asyncio future (clock timer or thread-pool result); the future is what
+the engine sees and uses to re-enter the job.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qmpjobd.block.qjson import qdict_order, to_json
+from qmpjobd.errors import QMPError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.graph import BlockGraph
+
+# Largest single request QEMU's block layer accepts (BDRV_REQUEST_MAX_BYTES).
+REQUEST_MAX_BYTES = 0x7FFFFE00
+
+
+def io_error(code: int) -> OSError:
+    """The exception every layer raises for a failed request: errno plus libc text."""
+    return OSError(code, os.strerror(code))
+
+
+@dataclass
+class Blocker:
+    """An operation blocker on a node, as a block job installs on the nodes it uses."""
+
+    owner: Any          # the job that installed it
+    reason: str         # e.g. "block device is in use by block job: mirror"
+
+
+class BlockNode:
+    """A node of the block graph. Drivers subclass it; see the module docstring."""
+
+    # The QAPI BlockdevDriver name, set by each driver class.
+    driver: ClassVar[str] = ""
+    # True for format drivers (raw): they sit on a protocol child called "file".
+    is_format: ClassVar[bool] = False
+    # True for filter drivers (blkdebug): they pass I/O through to one child.
+    is_filter: ClassVar[bool] = False
+    # Option members that name children (inline dict or node-name reference).
+    child_roles: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, graph: "BlockGraph", node_name: str, options: dict,
+                 children: dict[str, "BlockNode"], auto_named: bool) -> None:
+        self.graph = graph
+        self.node_name = node_name
+        # The options as given (parse order kept), minus children given inline;
+        # used for json: filenames and query output.
+        self.options = options
+        self.children = children          # role ("file", "image") -> child node
+        self.auto_named = auto_named      # name generated ("#block123"), not chosen
+        self.read_only: bool = bool(options.get("read-only", False))
+        # The options as QEMU stores them (flattened, in its insertion order); the
+        # graph sets this before open() for nodes it creates.
+        self.flat_options: dict = flatten_options(options)
+        self.size: int = 0
+        self.monitor_owned = False        # added by blockdev-add at top level
+        # Opened by the daemon for a job (drive-mirror/drive-backup target): dropped
+        # when its last job user detaches.
+        self.release_when_unused = False
+        self.job_users: list[Any] = []    # jobs that hold this node (may repeat)
+        # Jobs that reach this node through a BlockBackend of their own (QEMU's
+        # blk_new + blk_insert_bs, e.g. a mirror target): blockdev-del then says
+        # "Node <n> is in use" before it looks at blockers.
+        self.backend_users: list[Any] = []
+        self.blockers: list[Blocker] = []
+        # Callables returning BlockDirtyInfo dicts (a mirror's dirty bitmap).
+        self.dirty_bitmaps: list[Any] = []
+        # Nested drained sections currently applied to this node.
+        self.quiesce_counter = 0
+        # Writes started / generation covered by the last flush (QEMU write_gen).
+        self.write_generation = 0
+        self.flushed_generation = 0
+        self.parent_nodes: list[BlockNode] = []
+        for child in children.values():
+            child.parent_nodes.append(self)
+
+    # --- lifetime -----------------------------------------------------------------
+
+    @classmethod
+    def check_children(cls, children: dict[str, "BlockNode"]) -> None:
+        """Raise QMPError when a mandatory child is missing."""
+
+    def open(self) -> None:
+        """Check driver options and acquire resources; raise QMPError on failure."""
+
+    def close(self) -> None:
+        """Release resources (file descriptors). Called once the node leaves the graph."""
+
+    # --- relations ----------------------------------------------------------------
+
+    @property
+    def file_child(self) -> "BlockNode | None":
+        """The child that holds the data (``file`` for formats, ``image`` for blkdebug)."""
+        return self.children.get("file") or self.children.get("image")
+
+    def detach_children(self) -> list["BlockNode"]:
+        """Unlink this node from its children; returns them."""
+        children = list(self.children.values())
+        for child in children:
+            if self in child.parent_nodes:
+                child.parent_nodes.remove(self)
+        return children
+
+    def ancestors(self) -> list["BlockNode"]:
+        """Every node above this one (parents, their parents, ...), each once."""
+        seen: list[BlockNode] = []
+        stack = list(self.parent_nodes)
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.append(node)
+                stack.extend(node.parent_nodes)
+        return seen
+
+    def descendants(self) -> list["BlockNode"]:
+        """Every node below this one, each once."""
+        seen: list[BlockNode] = []
+        stack = list(self.children.values())
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.append(node)
+                stack.extend(node.children.values())
+        return seen
+
+    # --- users and blockers ---------------------------------------------------------
+
+    def add_job_user(self, job: Any, *, backend: bool = False,
+                     blocker: str | None = None) -> None:
+        """Register ``job`` as a user of this node (QEMU: the job's BdrvChild).
+
+        A job that attaches to a node which is already drained is paused once per
+        drained section, as QEMU does when a new parent attaches to a quiesced node;
+        this is how a backup started inside a transaction shows ``paused``.
+        ``blocker`` (e.g. "block device is in use by block job: mirror") makes other
+        operations on the node fail with "Node '<n>' is busy: <blocker>".
+        """
+        self.job_users.append(job)
+        if backend:
+            self.backend_users.append(job)
+        if blocker is not None:
+            self.add_blocker(job, blocker)
+        for _ in range(self.quiesce_counter):
+            self.graph.pause_job_for_drain(job)
+
+    def remove_job_user(self, job: Any) -> None:
+        """Detach ``job``; undoes the drain pauses it got from this node."""
+        if job not in self.job_users:
+            return
+        self.job_users.remove(job)
+        if job in self.backend_users:
+            self.backend_users.remove(job)
+        if job not in self.job_users:
+            self.remove_blockers(job)
+        for _ in range(self.quiesce_counter):
+            self.graph.resume_job_after_drain(job)
+        if self.release_when_unused and not self.job_users:
+            self.graph.release_implicit(self)
+
+    def add_blocker(self, owner: Any, reason: str) -> None:
+        self.blockers.append(Blocker(owner, reason))
+
+    def remove_blockers(self, owner: Any) -> None:
+        self.blockers = [b for b in self.blockers if b.owner is not owner]
+
+    def check_not_busy(self) -> None:
+        """Raise QEMU's "busy" error if a job blocks operations on this node."""
+        if self.blockers:
+            raise QMPError(f"Node '{self.node_name}' is busy: {self.blockers[0].reason}")
+
+    # --- I/O ------------------------------------------------------------------------
+
+    async def co_pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``; past the end reads as zeroes."""
+        self._check_request(offset, length)
+        inside = max(0, min(length, self.size - offset))
+        data = await self._preadv(offset, inside) if inside else b""
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    async def co_pwrite(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``. Read-only nodes and writes past the end fail."""
+        self._check_request(offset, len(data))
+        if self.read_only:
+            raise io_error(errno.EPERM)
+        if offset + len(data) > self.size:
+            raise io_error(errno.EIO)
+        if data:
+            self.write_generation += 1
+            await self._pwritev(offset, data)
+
+    async def co_flush(self) -> None:
+        """Make written data durable. A node not written since its last flush does
+        nothing, as in QEMU (so blkdebug flush rules only fire after writes)."""
+        generation = self.write_generation
+        if generation == self.flushed_generation:
+            return
+        await self._flush()
+        self.flushed_generation = generation
+
+    async def _flush(self) -> None:
+        """Driver flush; the default passes it to the data child."""
+        child = self.file_child
+        if child is not None:
+            await child.co_flush()
+
+    def block_status(self, offset: int, length: int) -> tuple[str, int]:
+        """``(kind, bytes)`` for the extent starting at ``offset``.
+
+        kind is "data" (must be copied), "zero" (reads as zeroes; a copy may write
+        zeroes instead) or "unknown" (neither; QEMU's null-co without read-zeroes).
+        The default asks the data child, as QEMU's format/filter drivers do.
+        """
+        child = self.file_child
+        if child is not None:
+            return child.block_status(offset + self.child_offset(), length)
+        return ("data", length)
+
+    def can_write_zeroes_with_unmap(self) -> bool:
+        """QEMU's bdrv_can_write_zeroes_with_unmap: discard=unmap and a driver that
+        can punch holes (file, and formats/filters passing it to such a child)."""
+        if self.options.get("discard") not in ("unmap", "on"):
+            return False
+        child = self.file_child
+        return child is not None and child.supports_unmap()
+
+    def supports_unmap(self) -> bool:
+        child = self.file_child
+        return child is not None and child.supports_unmap()
+
+    def child_offset(self) -> int:
+        """Where this node's byte 0 lies in its data child (raw ``offset``)."""
+        return 0
+
+    def _check_request(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or length > REQUEST_MAX_BYTES:
+            raise io_error(errno.EIO)
+
+    async def _preadv(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    async def _pwritev(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def debug_event(self, event: str) -> None:
+        """A format driver announces an I/O event to its child (blkdebug listens)."""
+
+    # --- copy offload -----------------------------------------------------------------
+
+    def host_file(self) -> "tuple[int, int] | None":
+        """``(fd, base_offset)`` when reads/writes map 1:1 onto a host file region.
+
+        Lets job drivers offload copies to the kernel (``copy_file_range``). Nodes that
+        transform data or inject errors return None and must be copied through
+        ``co_pread``/``co_pwrite``.
+        """
+        return None
+
+    # --- names QEMU reports ---------------------------------------------------------
+
+    # Options that change what the node is; QEMU's "strong runtime options". They
+    # decide whether a plain filename can describe the node, and fill json: names.
+    strong_options: ClassVar[tuple[str, ...]] = ()
+
+    def own_strong_options(self) -> dict:
+        """Strong options given for this node, flattened as QEMU stores them."""
+        flat = self.flat_options
+        # QEMU copies them by walking the flattened dict, i.e. in hash order.
+        return {k: flat[k] for k in qdict_order(list(flat))
+                if any(k == s or (s.endswith(".") and k.startswith(s))
+                       for s in self.strong_options)}
+
+    def full_open_options(self) -> dict:
+        """What it takes to reopen this node: driver, strong options, children."""
+        opts: dict = {}
+        for role, child in self.children.items():
+            opts[role] = child.full_open_options()
+        opts.update(self.own_strong_options())
+        opts["driver"] = self.driver
+        return opts
+
+    def exact_filename(self) -> str | None:
+        """A plain filename that fully describes the node, if there is one."""
+        return None
+
+    def filename(self) -> str:
+        """The name QEMU reports as ``file`` / ``image.filename``."""
+        exact = self.exact_filename()
+        if exact is not None:
+            return exact
+        return "json:" + to_json(self.full_open_options())
+
+    def actual_size(self) -> int | None:
+        """Host bytes allocated, or None when the driver cannot tell (member left out)."""
+        if self.children and not self.is_filter:
+            sizes = [child.actual_size() for child in self.children.values()]
+            return None if None in sizes else sum(sizes)
+        return None
+
+    def has_dirty_flag(self) -> bool:
+        """QEMU reports ``dirty-flag`` when bdrv_get_info works (file-backed data)."""
+        child = self.file_child
+        return child.has_dirty_flag() if child is not None else False
+
+    def backing_node(self) -> "BlockNode | None":
+        """The COW backing child (only mirror's filter has one in qmpjobd)."""
+        return None
+
+    def dirty_bitmap_infos(self) -> list[dict]:
+        """BlockDirtyInfo of the bitmaps jobs keep on this node (mirror's)."""
+        return [provider() for provider in self.dirty_bitmaps]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.node_name!r} size={self.size}>"
+
+
+# QAPI declaration order of the option structs whose members end up in json:
+# filenames. QEMU turns the options back into a dict in this order before
+# flattening, and the order decides ties between keys in the same hash bucket.
+DECLARATION_ORDER = {
+    "": ["driver", "node-name", "discard", "cache", "read-only", "auto-read-only",
+         "force-share", "detect-zeroes",
+         "file", "offset", "size",                                   # raw
+         "filename", "pr-manager", "locking", "aio", "aio-max-batch",  # file
+         "drop-cache", "x-check-cache-dropped",
+         "latency-ns", "read-zeroes",                                # null-co
+         "image", "config", "align", "max-transfer", "opt-write-zero",  # blkdebug
+         "max-write-zero", "opt-discard", "max-discard", "inject-error", "set-state",
+         "take-child-perms", "unshare-child-perms"],
+    "inject-error": ["event", "state", "iotype", "errno", "sector", "once", "immediately"],
+    "set-state": ["event", "state", "new_state"],
+}
+
+
+def _declared(options: dict, struct: str) -> dict:
+    order = DECLARATION_ORDER.get(struct, [])
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(options.items(), key=lambda kv: rank.get(kv[0], len(order))))
+
+
+def extract_child_options(flat: dict, role: str) -> dict:
+    """QEMU's qdict_extract_subqdict: a child's flattened options, taken from its
+    parent's by walking the parent's dict in hash order."""
+    prefix = role + "."
+    return {key[len(prefix):]: flat[key] for key in qdict_order(list(flat))
+            if key.startswith(prefix)}
+
+
+def flatten_options(options: dict, prefix: str = "", struct: str = "") -> dict:
+    """QEMU's qdict_flatten of the re-visited options: nested lists/dicts become
+    dotted keys, each dict walked in QDict hash order of its declaration order."""
+    ordered = _declared(options, struct)
+    flat: dict = {}
+    for key in qdict_order(list(ordered)):
+        value = ordered[key]
+        name = prefix + key
+        if isinstance(value, dict):
+            # Child references (file, image) are BlockdevOptions again.
+            nested = "" if key in ("file", "image") else key
+            flat.update(flatten_options(value, name + ".", nested))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, dict):
+                    flat.update(flatten_options(item, f"{name}.{index}.", key))
+                else:
+                    flat[f"{name}.{index}"] = item
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,88 @@
+"""Copy offload for job drivers: let the kernel copy between two host files.
+
+``await copy_range(source, src_offset, target, dst_offset, length)`` copies bytes
+from node to node. When both nodes map 1:1 onto host files (``file``, or ``raw``
+without error injection on top of ``file``) and the target is writable, the copy runs
+``os.copy_file_range`` in the thread pool: no data passes through Python, and
+filesystems that support it share extents (reflink) instead of copying. Otherwise it
+falls back to ``co_pread`` + ``co_pwrite``, so blkdebug rules, read-only checks and
+null-co behave exactly as for any other request.
+
+Either way the target ends up with the node-level bytes, including QEMU's zero tail
+up to the 512-byte rounded length when the source host file is shorter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+from qmpjobd.block.node import BlockNode, io_error
+
+# Errors that mean "copy_file_range cannot do this pair", not "the copy failed".
+_NOT_SUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def offload_possible(source: BlockNode, target: BlockNode) -> bool:
+    return (source.host_file() is not None and target.host_file() is not None
+            and not _read_only_chain(target))
+
+
+def _read_only_chain(node: BlockNode | None) -> bool:
+    while node is not None:
+        if node.read_only:
+            return True
+        node = node.file_child
+    return False
+
+
+async def copy_range(source: BlockNode, src_offset: int, target: BlockNode,
+                     dst_offset: int, length: int) -> None:
+    """Copy ``length`` bytes; raises OSError(errno) like co_pread/co_pwrite."""
+    inside = (0 <= src_offset and src_offset + length <= source.size
+              and 0 <= dst_offset and dst_offset + length <= target.size)
+    if inside and offload_possible(source, target):
+        src_fd, src_base = source.host_file()   # type: ignore[misc]
+        dst_fd, dst_base = target.host_file()   # type: ignore[misc]
+        loop = asyncio.get_running_loop()
+        copied = await loop.run_in_executor(
+            None, _kernel_copy, src_fd, src_base + src_offset, dst_fd, dst_base + dst_offset, length)
+        if copied is not None:
+            target.write_generation += 1
+            if copied < length:
+                # Past the source's host end the node reads zeroes (QEMU's rounding).
+                await target.co_pwrite(dst_offset + copied, bytes(length - copied))
+            return
+    try:
+        data = await source.co_pread(src_offset, length)
+    except OSError as exc:
+        exc.is_read = True          # type: ignore[attr-defined]
+        raise
+    await target.co_pwrite(dst_offset, data)
+
+
+def failed_on_read(exc: OSError) -> bool:
+    """Whether a copy_range failure came from the source (else from the target)."""
+    return bool(getattr(exc, "is_read", False))
+
+
+def _kernel_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
+                 length: int) -> int | None:
+    """Bytes copied (short only at the source's end), or None when unsupported."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, length - done,
+                                   src_offset + done, dst_offset + done)
+        except OSError as exc:
+            if done == 0 and exc.errno in _NOT_SUPPORTED:
+                return None
+            failure = io_error(exc.errno or errno.EIO)
+            # The kernel does not say which side failed; space errors are the target's.
+            failure.is_read = exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # type: ignore[attr-defined]
+            raise failure from None
+        if n == 0:
+            break
+        done += n
+    return done

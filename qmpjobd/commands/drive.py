@@ -1,0 +1,46 @@
+"""``drive-backup`` (deprecated in QEMU since 6.2, still accepted by 7.2), as a command
+and as a transaction action.
+
+Like QEMU's drive_backup_action: look up the source, drain it, refuse a busy source
+before creating anything, create the target image (raw or file; ``mode`` existing
+opens it as it is), open it with ``discard=unmap`` and ``detect-zeroes=unmap``, then
+the steps shared with blockdev-backup. The target node is the daemon's: it is not
+monitor-owned and disappears when the job lets go of it.
+"""
+
+from __future__ import annotations
+
+from qmpjobd.commands import Context, command
+from qmpjobd.commands.backup import create_backup_job, drain_source
+from qmpjobd.commands.jobs import flushing_bottom_halves
+from qmpjobd.commands.mirror import open_target_file
+from qmpjobd.commands.transaction import (
+    ActionContext,
+    TxnAction,
+    register_action,
+    run_transaction,
+)
+
+
+def prepare_drive_backup(actx: ActionContext, data: dict, action: TxnAction) -> None:
+    graph = actx.daemon.graph
+    source = graph.lookup(data["device"])
+    drain_source(actx, action, source)
+    source.check_not_busy()
+    target, _created = open_target_file(actx.ctx, source, data,
+                                        extra_options={"discard": "unmap",
+                                                       "detect-zeroes": "unmap"})
+    try:
+        create_backup_job(actx, action, source, target, data)
+    except BaseException:
+        graph.release_implicit(target)
+        raise
+
+
+register_action("drive-backup", prepare_drive_backup, supports_grouped=True)
+
+
+@command("drive-backup")
+@flushing_bottom_halves
+def drive_backup(ctx: Context, args: dict) -> dict:
+    return run_transaction(ctx, [("drive-backup", args)])

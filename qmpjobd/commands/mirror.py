@@ -1,0 +1,120 @@
+"""``blockdev-mirror`` and ``drive-mirror`` (see qmpjobd.block.jobs.mirror).
+
+Checks run in QEMU 7.2's order: the source must be a root node, the target is looked
+up (drive-mirror: created and opened), then blockdev_mirror_common's checks
+(granularity, busy nodes, replaces, sync mode), then the job is created (buf-size,
+"into itself", speed, read-only target) and started at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmpjobd.block.jobs.create import check_not_in_use, create_file
+from qmpjobd.block.jobs.mirror import MirrorJob, check_granularity
+from qmpjobd.commands import Context, command
+from qmpjobd.commands.jobs import flushing_bottom_halves
+from qmpjobd.errors import QMPError
+
+# QEMU format drivers that exist but cannot create images.
+_NO_CREATE = ("null-co", "null-aio", "blkdebug", "blkverify", "blkreplay", "copy-on-read",
+              "compress", "preallocate", "throttle", "copy-before-write", "snapshot-access",
+              "nbd", "http", "https", "ftp", "ftps", "host_cdrom", "host_device", "vvfat",
+              "quorum", "replication")
+
+
+def start_mirror(ctx: Context, source: Any, target: Any, args: dict, *,
+                 zero_target: bool) -> None:
+    """blockdev_mirror_common + mirror_start: checks, then create and start the job."""
+    graph = ctx.daemon.graph
+    check_granularity(args.get("granularity", 0))
+    source.check_not_busy()
+    target.check_not_busy()
+    replaces = None
+    if "replaces" in args:
+        replaces = graph.find(args["replaces"])
+        if replaces is None:
+            raise QMPError(f"Failed to find node with node-name='{args['replaces']}'")
+        replaces.check_not_busy()
+        if replaces is not source:
+            raise QMPError(f"Cannot replace '{replaces.node_name}' by a node mirrored from "
+                           f"'{source.node_name}', because it cannot be guaranteed that doing "
+                           "so would not lead to an abrupt change of visible data")
+    sync = args["sync"]
+    if sync in ("incremental", "bitmap"):
+        raise QMPError(f"Sync mode '{sync}' not supported")
+    job = MirrorJob(
+        ctx.daemon.jobs, graph,
+        # Without job-id QEMU uses the BlockBackend name, which qsd nodes never have.
+        args.get("job-id", ""),
+        source, target,
+        sync="full" if sync == "top" else sync,    # no backing files: top is full
+        replaces=replaces,
+        speed=args.get("speed", 0),
+        granularity=args.get("granularity", 0),
+        buf_size=args.get("buf-size", 0),
+        on_source_error=args.get("on-source-error", "report"),
+        on_target_error=args.get("on-target-error", "report"),
+        auto_finalize=args.get("auto-finalize", True),
+        auto_dismiss=args.get("auto-dismiss", True),
+        filter_node_name=args.get("filter-node-name"),
+        zero_target=zero_target,
+    )
+    job.start()
+
+
+@command("blockdev-mirror")
+@flushing_bottom_halves
+def blockdev_mirror(ctx: Context, args: dict) -> dict:
+    graph = ctx.daemon.graph
+    source = graph.lookup_root(args["device"])
+    target = graph.lookup(args["target"])
+    start_mirror(ctx, source, target, args, zero_target=(args["sync"] == "full"))
+    return {}
+
+
+def open_target_file(ctx: Context, source: Any, args: dict, *,
+                     extra_options: dict | None = None) -> tuple[Any, bool]:
+    """drive-mirror/drive-backup: create (unless ``mode`` is existing) and open the
+    target image; returns (node, created_new). Formats: raw and file. The node is
+    dropped by the graph once the job using it lets go (or by the caller on error)."""
+    mode = args.get("mode", "absolute-paths")
+    fmt = args.get("format")
+    if fmt is None and mode != "existing":
+        fmt = source.driver
+    filename = args["target"]
+    if mode != "existing":
+        if fmt in _NO_CREATE:
+            raise QMPError(f"Format driver '{fmt}' does not support image creation")
+        if fmt not in ("raw", "file"):
+            raise QMPError(f"Driver '{fmt}' is not supported by qmpjobd")
+        check_not_in_use(ctx.daemon.graph, filename)
+        create_file(filename, source.size)
+    elif fmt is not None and fmt not in ("raw", "file"):
+        raise QMPError(f"Driver '{fmt}' is not supported by qmpjobd")
+    options: dict = {"driver": fmt or "raw", **(extra_options or {})}
+    if "node-name" in args:
+        options["node-name"] = args["node-name"]
+    if options["driver"] == "file":
+        options["filename"] = filename
+    else:
+        options["file"] = {"driver": "file", "filename": filename}
+    return ctx.daemon.graph.open_implicit(options), mode != "existing"
+
+
+@command("drive-mirror")
+@flushing_bottom_halves
+def drive_mirror(ctx: Context, args: dict) -> dict:
+    graph = ctx.daemon.graph
+    source = graph.lookup_root(args["device"])
+    if "replaces" in args and "node-name" not in args:
+        raise QMPError("a node-name must be provided when replacing a named node of the graph")
+    target, created = open_target_file(ctx, source, args)
+    try:
+        # A new image reads as zeroes already; an existing one must be overwritten.
+        start_mirror(ctx, source, target, args,
+                     zero_target=(args["sync"] == "full" and not created))
+    except BaseException:
+        graph.release_implicit(target)
+        raise
+    return {}
