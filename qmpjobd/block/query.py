@@ -1,0 +1,75 @@
+"""``query-named-block-nodes``: BlockDeviceInfo dicts, members in QAPI declaration order.
+
+Only what a qmpjobd node can have is reported: no backing chains, throttling, dirty
+bitmaps or encryption. Values match qemu-storage-daemon 7.2 for null-co, file, raw and
+blkdebug nodes (compared field by field in tests/unit/test_block_query.py).
+"""
+
+from __future__ import annotations
+
+from qmpjobd.block.graph import BlockGraph
+from qmpjobd.block.node import BlockNode
+
+
+def image_info(node: BlockNode, flat: bool) -> dict:
+    """ImageInfo: filename, format, dirty-flag?, actual-size?, virtual-size,
+    backing-image? (the backing chain, only when not flat)."""
+    info: dict = {"filename": node.filename(), "format": node.driver}
+    if node.has_dirty_flag():
+        info["dirty-flag"] = False
+    actual = node.actual_size()
+    if actual is not None:
+        info["actual-size"] = actual
+    info["virtual-size"] = node.size
+    backing = node.backing_node()
+    if backing is not None and not flat:
+        info["backing-image"] = image_info(backing, flat)
+    return info
+
+
+def backing_depth(node: BlockNode) -> int:
+    depth = 0
+    backing = node.backing_node()
+    while backing is not None:
+        depth += 1
+        backing = backing.backing_node()
+    return depth
+
+
+def block_device_info(node: BlockNode, flat: bool = False) -> dict:
+    cache = node.options.get("cache", {})
+    info = {
+        "file": node.filename(),
+        "node-name": node.node_name,
+        "ro": node.read_only,
+        "drv": node.driver,
+        # QEMU only walks the chain (and counts it) for the non-flat form.
+        "backing_file_depth": 0 if flat else backing_depth(node),
+        "encrypted": False,
+        "detect_zeroes": node.options.get("detect-zeroes", "off"),
+        "bps": 0,
+        "bps_rd": 0,
+        "bps_wr": 0,
+        "iops": 0,
+        "iops_rd": 0,
+        "iops_wr": 0,
+        "image": image_info(node, flat),
+        "cache": {
+            "writeback": True,
+            "direct": bool(cache.get("direct", False)),
+            "no-flush": bool(cache.get("no-flush", False)),
+        },
+        "write_threshold": 0,
+    }
+    bitmaps = node.dirty_bitmap_infos()
+    if bitmaps:
+        info["dirty-bitmaps"] = bitmaps
+    return info
+
+
+def named_block_nodes(graph: BlockGraph, flat: bool = False) -> list[dict]:
+    """Every node, newest first (QEMU prepends while walking its node list).
+
+    ``flat`` leaves out backing chains (only a mirror's filter node has one here).
+    """
+    return [block_device_info(node, flat) for node in reversed(list(graph.nodes.values()))]
