@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from tests.support.daemons import REPO
 
@@ -20,7 +20,7 @@ async def test_qmpclient_negotiates_executes_and_gets_events(daemon):
     client = QMPClient("test")
     await client.connect(daemon.sockets[0])
     try:
-        assert client.greeting["QMP"]["version"]["qemu"]["major"] == 7
+        assert client.greeting.QMP.version["qemu"]["major"] == 7
         version = await client.execute("query-version")
         assert version["package"].startswith("qmpjobd")
         names = {c["name"] for c in await client.execute("query-commands")}
@@ -31,7 +31,8 @@ async def test_qmpclient_negotiates_executes_and_gets_events(daemon):
             assert err.error_class == "GenericError" and str(err) == "Job not found"
         else:
             raise AssertionError("job-dismiss of an unknown job succeeded")
-        with client.listen() as listener:
+        listener = EventListener()
+        with client.listen(listener):
             await client.execute("blockdev-backup", {"device": "src", "target": "tgt", "sync": "full", "job-id": "j0"})
             statuses = []
             async for event in listener:
