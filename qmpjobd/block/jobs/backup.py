@@ -1,0 +1,292 @@
+"""The backup job: a point-in-time copy of a source node onto a target node.
+
+Copying follows QEMU's block-copy (what qemu-storage-daemon 7.2 really does, and what
+the transcripts' offsets show): a bitmap of dirty *clusters* (64 KiB, or the target's
+larger cluster size) is copied in *chunks* of up to 1 MiB, each chunk by a worker
+coroutine (up to 64 in flight), with the rate limit accounted per chunk when it is
+dispatched. So a job limited to 1 MiB/s copies its first MiB at once and then sleeps,
+and a failed chunk does not stop chunks already dispatched (their progress counts).
+
+Pausing and cancelling stop the dispatch of new chunks; the job waits for the
+chunks in flight and then passes its pause point (QEMU's backup_pause cancels the
+block-copy call the same way). Errors are handled per ``on-source-error`` (reads)
+and ``on-target-error`` (writes): report fails the job, ignore retries at once,
+stop pauses the job until resumed and then retries.
+
+Progress is counted in whole clusters, as QEMU does: a 1000000-byte node reports
+``len`` 1048576.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qmpjobd.block.jobs.base import BlockJob
+from qmpjobd.errors import QMPError
+from qmpjobd.job.coroutine import CoroutineRunner
+from qmpjobd.job.txn import JobTxn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.node import BlockNode
+    from qmpjobd.job.manager import JobManager
+
+KiB = 1024
+MiB = 1024 * KiB
+CLUSTER_SIZE_DEFAULT = 64 * KiB
+# Largest chunk one read+write copies (QEMU's BLOCK_COPY_MAX_BUFFER).
+CHUNK_MAX = 1 * MiB
+MAX_WORKERS_DEFAULT = 64
+INT_MAX = 2**31 - 1
+
+
+@dataclass
+class BackupPerf:
+    """The ``x-perf`` tuning knobs of QEMU 7.2."""
+
+    use_copy_range: bool = False
+    max_workers: int = MAX_WORKERS_DEFAULT
+    max_chunk: int = 0            # 0: no limit beyond the copy method's own
+
+
+def target_cluster_size(target: "BlockNode") -> int:
+    """QEMU: max(64 KiB, the target's cluster size when its driver reports one)."""
+    reported = getattr(target, "cluster_size", None)
+    if isinstance(reported, int) and reported > 0:
+        return max(CLUSTER_SIZE_DEFAULT, reported)
+    return CLUSTER_SIZE_DEFAULT
+
+
+def is_allocated(node: "BlockNode", offset: int, length: int) -> tuple[bool, int]:
+    """Whether the top layer holds the extent at ``offset``, and for how many bytes."""
+    kind, count = node.block_status(offset, length)
+    return kind in ("data", "zero"), max(count, 1)
+
+
+class DirtyClusters:
+    """Which clusters still have to be copied; counts are in bytes of whole clusters."""
+
+    def __init__(self, length: int, cluster_size: int) -> None:
+        self.cluster_size = cluster_size
+        self.clusters = -(-length // cluster_size)
+        self.bits = bytearray(b"\x01" * self.clusters)
+        self.dirty_clusters = self.clusters
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self.dirty_clusters * self.cluster_size
+
+    def next_dirty_area(self, offset: int, max_bytes: int) -> tuple[int, int] | None:
+        """First dirty run at or after ``offset``, at most ``max_bytes`` long."""
+        first = self.bits.find(1, offset // self.cluster_size)
+        if first < 0:
+            return None
+        limit = min(self.clusters, first + max(max_bytes // self.cluster_size, 1))
+        clean = self.bits.find(0, first, limit)
+        end = limit if clean < 0 else clean
+        return first * self.cluster_size, (end - first) * self.cluster_size
+
+    def set(self, offset: int, length: int, dirty: bool) -> None:
+        first = offset // self.cluster_size
+        last = min(self.clusters, -(-(offset + length) // self.cluster_size))
+        value = 1 if dirty else 0
+        for index in range(first, last):
+            if self.bits[index] != value:
+                self.bits[index] = value
+                self.dirty_clusters += 1 if dirty else -1
+
+
+@dataclass
+class _CopyFailure:
+    is_read: bool
+    error: int
+
+
+class _WorkerPool:
+    """Chunk copies in flight (QEMU's aio task pool); the job parks while it is full."""
+
+    def __init__(self, job: "BackupJob", max_workers: int) -> None:
+        self.job = job
+        self.max_workers = max_workers
+        self.active: set[CoroutineRunner] = set()
+        self.failure: _CopyFailure | None = None
+
+    async def start(self, offset: int, length: int) -> None:
+        while len(self.active) >= self.max_workers:
+            await self.job.park_until_woken(self)
+        runner = CoroutineRunner(self.job._copy_chunk(self, offset, length),
+                                 on_done=self._finished, name=f"backup chunk {offset}")
+        self.active.add(runner)
+        runner.enter()
+
+    def record_failure(self, is_read: bool, error: int) -> None:
+        if self.failure is None:
+            self.failure = _CopyFailure(is_read, error)
+
+    def _finished(self, runner: CoroutineRunner) -> None:
+        self.active.discard(runner)
+        self.job.wake(self)
+
+    async def wait_all(self) -> None:
+        while self.active:
+            await self.job.park_until_woken(self)
+
+
+class BackupJob(BlockJob):
+    """``blockdev-backup`` / ``drive-backup`` job (type ``backup``)."""
+
+    job_type = "backup"
+
+    def __init__(self, manager: "JobManager", job_id: str | None,
+                 source: "BlockNode", target: "BlockNode", *, sync: str = "full",
+                 speed: int = 0, on_source_error: str = "report",
+                 on_target_error: str = "report", auto_finalize: bool = True,
+                 auto_dismiss: bool = True, txn: JobTxn | None = None,
+                 perf: BackupPerf | None = None, compress: bool = False) -> None:
+        """QEMU's backup_job_create, from its first check to the attached job."""
+        perf = perf or BackupPerf()
+        check_backup_nodes(source, target, compress, perf)
+        cluster_size = target_cluster_size(target)
+        if perf.max_chunk and perf.max_chunk < cluster_size:
+            raise QMPError(f"Required max-chunk ({perf.max_chunk}) is less than backup "
+                           f"cluster size ({cluster_size})")
+        # Set before the base class applies the speed (on_speed_changed reads them).
+        self.source = source
+        self.target = target
+        self.sync = sync
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.perf = perf
+        self.cluster_size = cluster_size
+        self.length = source.size
+        self.dirty = DirtyClusters(self.length, cluster_size)
+        self._in_flight_bytes = 0
+        self._rate_wait = object()       # park reason of the rate-limit sleep
+        # The job sits on the copy-before-write filter above the source in QEMU, so
+        # draining the source pauses it but the source itself is not blocked.
+        super().__init__(manager, job_id, source, block_main=False, speed=speed,
+                         auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, txn=txn)
+        self.attach_node(target, block=True)
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_speed_changed(self, speed: int) -> None:
+        # A new limit applies at once: recompute the current rate-limit wait.
+        self.wake(self._rate_wait)
+
+    async def run(self) -> int:
+        self.progress_set_remaining(self.dirty.dirty_bytes)
+        if self.sync == "top":
+            ret = await self._skip_unallocated()
+            if ret:
+                return ret
+        if self.sync == "none":
+            # Nothing to copy up front; QEMU's copy-before-write filter would copy
+            # old data on guest writes. The job lives until it is cancelled.
+            while not self.is_cancelled:
+                await self.yield_()
+            return 0
+        return await self._copy_until_done()
+
+    # ------------------------------------------------------------------ sync=top
+
+    async def _skip_unallocated(self) -> int:
+        offset = 0
+        while offset < self.length:
+            if self.is_cancelled:
+                return -errno.ECANCELED
+            await self.pause_point()
+            if self.is_cancelled:
+                return -errno.ECANCELED
+            allocated, count = is_allocated(self.source, offset, self.length - offset)
+            count = -(-count // self.cluster_size) * self.cluster_size
+            if not allocated:
+                self.dirty.set(offset, count, dirty=False)
+                self.progress_set_remaining(self.dirty.dirty_bytes + self._in_flight_bytes)
+            offset += count
+        return 0
+
+    # ------------------------------------------------------------------ copying
+
+    async def _copy_until_done(self) -> int:
+        while True:
+            failure = await self._copy_pass()
+            if self.is_cancelled or (failure is None and not self.dirty.dirty_clusters):
+                return 0
+            if failure is None:
+                # The pass stopped for a pause request: pause, then copy the rest.
+                await self.pause_point()
+                continue
+            policy = self.on_source_error if failure.is_read else self.on_target_error
+            action = self.error_action(policy, failure.is_read, failure.error)
+            if action == "report":
+                return -failure.error
+            if action == "stop":
+                await self.pause_point()
+            else:
+                # ignore: retry, after one main-loop turn (as QEMU's retry passes
+                # through the main loop), so a permanent error cannot spin in place.
+                self.busy = False
+                await self.manager.main_loop_turn()
+                self.busy = True
+
+    async def _copy_pass(self) -> _CopyFailure | None:
+        """Dispatch dirty chunks until done, failed, cancelled or asked to pause."""
+        pool = _WorkerPool(self, self.perf.max_workers)
+        chunk_limit = min(x for x in (max(self.cluster_size, CHUNK_MAX), self.perf.max_chunk) if x)
+        offset = 0
+        while pool.failure is None and not self.is_cancelled and not self.should_pause:
+            area = self.dirty.next_dirty_area(offset, chunk_limit)
+            if area is None:
+                break
+            start, length = area
+            delay = self.ratelimit_delay_ns(0)
+            if delay > 0:
+                await self.park_until_woken(self._rate_wait, timeout_ns=delay)
+                continue
+            self.ratelimit_delay_ns(length)
+            self.dirty.set(start, length, dirty=False)
+            self._in_flight_bytes += length
+            offset = start + length
+            await pool.start(start, length)
+        await pool.wait_all()
+        return pool.failure
+
+    async def _copy_chunk(self, pool: _WorkerPool, offset: int, length: int) -> None:
+        nbytes = min(offset + length, self.length) - offset
+        failure: tuple[bool, int] | None = None
+        try:
+            data = await self.source.co_pread(offset, nbytes)
+        except OSError as exc:
+            failure = (True, exc.errno or errno.EIO)
+        else:
+            try:
+                await self.target.co_pwrite(offset, data)
+            except OSError as exc:
+                failure = (False, exc.errno or errno.EIO)
+        self._in_flight_bytes -= length
+        if failure is None:
+            self.progress_update(length)
+        else:
+            pool.record_failure(*failure)
+            self.dirty.set(offset, length, dirty=True)
+        self.progress_set_remaining(self.dirty.dirty_bytes + self._in_flight_bytes)
+
+
+def check_backup_nodes(source: "BlockNode", target: "BlockNode", compress: bool,
+                       perf: BackupPerf) -> None:
+    """backup_job_create's checks before the job exists, in QEMU's order."""
+    if source is target:
+        raise QMPError("Source and target cannot be the same")
+    if compress and not getattr(target, "supports_compressed_writes", False):
+        # QEMU names the target's BlockBackend here, which storage-daemon nodes lack.
+        raise QMPError("Compression is not supported for this drive ")
+    source.check_not_busy()
+    target.check_not_busy()
+    if perf.max_workers < 1 or perf.max_workers > INT_MAX:
+        raise QMPError(f"max-workers must be between 1 and {INT_MAX}")
+    if perf.max_chunk < 0:
+        raise QMPError("max-chunk must be zero (which means no limit) or positive")
+    if target.size != source.size:
+        raise QMPError("Source and target image have different sizes")

@@ -1,0 +1,242 @@
+"""The block-job layer (QEMU's blockjob.c) on top of the generic job core.
+
+What this adds to :class:`qmpjobd.job.job.Job`:
+
+* BLOCK_JOB_COMPLETED / CANCELLED / READY / PENDING / ERROR events, exact payloads
+  (data dicts in QAPI declaration order);
+* ``speed`` and QEMU's rate limiter (100 ms slices): ``set_speed()`` for the command,
+  ``rate_limit.delay_ns(now, bytes)`` for drivers (QEMU's block_job_ratelimit_get_delay);
+* the I/O error policies (``on-source-error``/``on-target-error``/``on-error``):
+  ``error_action(policy, is_read, errno)`` emits BLOCK_JOB_ERROR and, for ``stop``,
+  turns the pause into a user pause with ``io-status`` failed/nospace;
+* node attachment: ``attach_node(node, block=...)`` registers the job as a user of a
+  node (drained sections then pause it; ``block`` makes other operations on the node
+  fail as "busy"). Everything attached is released in ``clean()`` and when freed.
+
+Hooks for drivers (mirror, commit, stream, backup) are those of ``Job`` plus
+``on_speed_changed(speed)`` (QEMU's BlockJobDriver.set_speed).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from qmpjobd.errors import QMPError
+from qmpjobd.job.job import Job, error_text_for
+from qmpjobd.job.states import JobVerb, check_verb
+from qmpjobd.job.txn import JobTxn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.node import BlockNode
+    from qmpjobd.job.manager import JobManager
+
+NS_PER_SECOND = 1_000_000_000
+# BLOCK_JOB_SLICE_TIME: the rate limiter's accounting period.
+SLICE_NS = 100_000_000
+
+IO_STATUS_OK = "ok"
+
+
+class RateLimit:
+    """Byte budget per time slice; when a slice is overspent the next request waits.
+
+    A request is always let through while the current slice still has budget; the
+    request that overspends it pushes the end of the slice out in proportion to the
+    overspend, and callers wait until that moment.
+    """
+
+    def __init__(self) -> None:
+        self.slice_ns = SLICE_NS
+        self.slice_quota = 0          # bytes per slice; 0 = unlimited
+        self.slice_start = 0
+        self.slice_end = 0
+        self.dispatched = 0
+
+    def set_speed(self, bytes_per_second: int, slice_ns: int = SLICE_NS) -> None:
+        self.slice_ns = slice_ns
+        if bytes_per_second == 0:
+            self.slice_quota = 0
+        else:
+            self.slice_quota = max(int(bytes_per_second * slice_ns / NS_PER_SECOND), 1)
+
+    def delay_ns(self, now_ns: int, nbytes: int) -> int:
+        """Account ``nbytes`` now; how long to wait before the next request (0: none)."""
+        if not self.slice_quota:
+            return 0
+        if self.slice_end < now_ns:
+            # The previous (maybe stretched) slice is over: start a fresh one.
+            self.slice_start = now_ns
+            self.slice_end = now_ns + self.slice_ns
+            self.dispatched = 0
+        self.dispatched += nbytes
+        if self.dispatched < self.slice_quota:
+            return 0
+        overspend = self.dispatched / self.slice_quota
+        self.slice_end = self.slice_start + int(overspend * self.slice_ns)
+        return self.slice_end - now_ns
+
+
+def error_action_for(policy: str, error: int) -> str:
+    """BlockdevOnError policy + errno -> BlockErrorAction (job-lifecycle.md 5.10)."""
+    if policy in ("enospc", "auto"):
+        return "stop" if error == errno.ENOSPC else "report"
+    if policy in ("stop", "report", "ignore"):
+        return policy
+    raise ValueError(f"unknown on-error policy {policy!r}")
+
+
+class BlockJob(Job):
+    """A job that works on block nodes and speaks the BLOCK_JOB_* events."""
+
+    is_block_job = True
+
+    def __init__(self, manager: "JobManager", job_id: str | None, main_node: "BlockNode", *,
+                 block_main: bool = True, speed: int = 0,
+                 auto_finalize: bool = True, auto_dismiss: bool = True,
+                 txn: JobTxn | None = None) -> None:
+        """QEMU's block_job_create: job_create, attach the main node, apply the speed.
+
+        A negative speed fails here after ``created`` was announced: the job is
+        dismissed at once (``created, null``) and the QMPError propagates.
+        """
+        super().__init__(manager, job_id, auto_finalize=auto_finalize,
+                         auto_dismiss=auto_dismiss, txn=txn)
+        self.speed = 0
+        self.iostatus = IO_STATUS_OK
+        self.rate_limit = RateLimit()
+        self.attached_nodes: list["BlockNode"] = []
+        self.attach_node(main_node, block=block_main)
+        try:
+            self.set_speed(speed)
+        except QMPError:
+            self.early_fail()
+            raise
+
+    # ------------------------------------------------------------------ nodes
+
+    @property
+    def blocker_reason(self) -> str:
+        return f"block device is in use by block job: {self.job_type}"
+
+    def attach_node(self, node: "BlockNode", *, block: bool = True) -> None:
+        """Use ``node`` (QEMU's block_job_add_bdrv); ``block`` installs the busy blocker."""
+        node.add_job_user(self, blocker=self.blocker_reason if block else None)
+        self.attached_nodes.append(node)
+
+    def release_nodes(self) -> None:
+        """Detach from every node (QEMU's block_job_remove_all_bdrv)."""
+        nodes, self.attached_nodes = self.attached_nodes, []
+        for node in reversed(nodes):
+            node.remove_job_user(self)
+
+    def clean(self) -> None:
+        self.release_nodes()
+
+    def on_free(self) -> None:
+        self.release_nodes()
+
+    # ------------------------------------------------------------------ speed
+
+    def on_speed_changed(self, speed: int) -> None:
+        """Driver hook: a new speed was applied (e.g. kick a rate-limit wait)."""
+
+    def set_speed(self, speed: int) -> None:
+        """block-job-set-speed (also used at creation)."""
+        check_verb(self, JobVerb.SET_SPEED)
+        if speed < 0:
+            raise QMPError("Parameter 'speed' expects a non-negative value")
+        old_speed = self.speed
+        self.rate_limit.set_speed(speed, SLICE_NS)
+        self.speed = speed
+        self.on_speed_changed(speed)
+        if speed and speed <= old_speed:
+            return
+        # Only a job asleep on its own timer is woken early.
+        self.enter_cond(lambda: self.sleep_timer_pending)
+
+    def ratelimit_delay_ns(self, nbytes: int) -> int:
+        """Account ``nbytes`` copied; how long to sleep before copying more."""
+        if not self.speed:
+            return 0
+        return self.rate_limit.delay_ns(self.clock.now_ns(), nbytes)
+
+    # ------------------------------------------------------------------ errors
+
+    def error_action(self, policy: str, is_read: bool, error: int) -> str:
+        """React to an I/O error per ``policy``; returns "report", "ignore" or "stop".
+
+        BLOCK_JOB_ERROR is announced first. For "stop" the job takes a *user* pause
+        (unless already user-paused) and io-status records the error; the driver
+        must then pass a pause point and retry the request once resumed.
+        """
+        action = error_action_for(policy, error)
+        if self.id is not None:
+            self.emit("BLOCK_JOB_ERROR", {
+                "device": self.id,
+                "operation": "read" if is_read else "write",
+                "action": action,
+            })
+        if action == "stop":
+            if not self.user_paused:
+                self.pause()
+                self.user_paused = True
+            if self.iostatus == IO_STATUS_OK:
+                self.iostatus = "nospace" if error == errno.ENOSPC else "failed"
+        return action
+
+    def on_user_resume(self) -> None:
+        self.iostatus = IO_STATUS_OK
+
+    # ------------------------------------------------------------------ events
+
+    def _progress_data(self) -> dict[str, Any]:
+        return {
+            "type": self.job_type,
+            "device": self.id,
+            "len": self.progress_total,
+            "offset": self.progress_current,
+            "speed": self.speed,
+        }
+
+    def on_completed_event(self) -> None:
+        if self.id is None:
+            return
+        data = self._progress_data()
+        if self.ret < 0:
+            data["error"] = self.error if self.error is not None else error_text_for(self.ret)
+        self.emit("BLOCK_JOB_COMPLETED", data)
+
+    def on_cancelled_event(self) -> None:
+        if self.id is not None:
+            self.emit("BLOCK_JOB_CANCELLED", self._progress_data())
+
+    def on_ready_event(self) -> None:
+        if self.id is not None:
+            self.emit("BLOCK_JOB_READY", self._progress_data())
+
+    def on_pending_event(self) -> None:
+        if self.id is not None:
+            self.emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
+
+    # ------------------------------------------------------------------ queries
+
+    def block_job_info(self) -> dict[str, Any]:
+        """query-block-jobs element, members in BlockJobInfo declaration order."""
+        info: dict[str, Any] = {
+            "type": self.job_type,
+            "device": self.id,
+            "len": self.progress_total,
+            "offset": self.progress_current,
+            "busy": self.busy,
+            "paused": self.pause_count > 0,
+            "speed": self.speed,
+            "io-status": self.iostatus,
+            "ready": self.is_ready,
+            "status": self.status.value,
+            "auto-finalize": self.auto_finalize,
+            "auto-dismiss": self.auto_dismiss,
+        }
+        if self.ret:
+            info["error"] = self.error if self.error is not None else error_text_for(self.ret)
+        return info
