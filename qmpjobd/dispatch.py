@@ -49,7 +49,12 @@ class Dispatcher:
         if request.oob and not self.schema.commands[request.name].allow_oob:
             raise QMPError(f"The command {request.name} does not support OOB")
         arguments = self.schema.validate(request.name, request.arguments)
-        return handler(Context(self.daemon, session, connection), arguments)
+        try:
+            return handler(Context(self.daemon, session, connection), arguments)
+        finally:
+            # Work that jobs deferred to the main loop (QEMU's bottom halves) runs
+            # before the reply, whether the command succeeded or not.
+            self.daemon.jobs.run_bottom_halves()
 
     def lookup(self, session: Session, name: str) -> Handler:
         # Before negotiation the command table holds qmp_capabilities alone.

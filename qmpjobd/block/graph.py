@@ -36,7 +36,8 @@ class BlockGraph:
         self.nodes: dict[str, BlockNode] = {}
         self._auto_name_counter = 0
         # Stack of drained sections: each entry is the list of nodes it quiesced.
-        self._drained_sections: list[list[BlockNode]] = []
+        # Open drained sections: (the nodes asked for, or None for all; quiesced nodes).
+        self._drained_sections: list[tuple[tuple[BlockNode, ...] | None, list[BlockNode]]] = []
 
     # --- clock ------------------------------------------------------------------
 
@@ -236,18 +237,27 @@ class BlockGraph:
 
     def drained_begin(self, nodes: Iterable[BlockNode] | None = None) -> None:
         """Quiesce ``nodes`` (None: all) and every node above them."""
-        quiesced = self._drain_closure(nodes)
-        self._drained_sections.append(quiesced)
+        key = None if nodes is None else tuple(nodes)
+        quiesced = self._drain_closure(key)
+        self._drained_sections.append((key, quiesced))
         for node in quiesced:
             node.quiesce_counter += 1
             for job in list(node.job_users):
                 self.pause_job_for_drain(job)
 
     def drained_end(self, nodes: Iterable[BlockNode] | None = None) -> None:
-        """End the innermost drained section (``nodes`` must match its begin)."""
-        if not self._drained_sections:
-            raise RuntimeError("drained_end without drained_begin")
-        quiesced = self._drained_sections.pop()
+        """End the latest drained section begun on the same ``nodes``.
+
+        Sections are per node set, not a stack: as in QEMU, a transaction's clean-up
+        ends its actions' drains in action order, not in reverse.
+        """
+        key = None if nodes is None else tuple(nodes)
+        for index in range(len(self._drained_sections) - 1, -1, -1):
+            if self._drained_sections[index][0] == key:
+                break
+        else:
+            raise RuntimeError("drained_end without a matching drained_begin")
+        _, quiesced = self._drained_sections.pop(index)
         for node in quiesced:
             node.quiesce_counter -= 1
             for job in list(node.job_users):

@@ -15,7 +15,6 @@ from typing import Any
 
 from qmpjobd.block.jobs.backup import BackupJob, BackupPerf
 from qmpjobd.commands import Context, command
-from qmpjobd.commands.jobs import flushing_bottom_halves
 from qmpjobd.commands.transaction import (
     ActionContext,
     TxnAction,
@@ -101,6 +100,5 @@ register_action("blockdev-backup", prepare_blockdev_backup, supports_grouped=Tru
 
 
 @command("blockdev-backup")
-@flushing_bottom_halves
 def blockdev_backup(ctx: Context, args: dict) -> dict:
     return run_transaction(ctx, [("blockdev-backup", args)])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from qmpjobd.commands import Context, command
 from qmpjobd.commands.backup import create_backup_job, drain_source
-from qmpjobd.commands.jobs import flushing_bottom_halves
 from qmpjobd.commands.mirror import open_target_file
 from qmpjobd.commands.transaction import (
     ActionContext,
@@ -41,6 +40,5 @@ register_action("drive-backup", prepare_drive_backup, supports_grouped=True)
 
 
 @command("drive-backup")
-@flushing_bottom_halves
 def drive_backup(ctx: Context, args: dict) -> dict:
     return run_transaction(ctx, [("drive-backup", args)])

@@ -2,34 +2,17 @@
 
 Thin handlers: look the job up (job-* among all jobs, block-job-* among block jobs
 only, with their different errors), then call the job core, which applies the checks
-of job-lifecycle.md 3.1 in QEMU's order. Every handler runs the main-loop bottom
-halves before returning, so a job finished by the command (e.g. cancelled) has
+of job-lifecycle.md 3.1 in QEMU's order. The dispatcher runs the main-loop bottom
+halves after every handler, so a job finished by the command (e.g. cancelled) has
 emitted all its events before the reply, as in QEMU.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Any
 
 from qmpjobd.commands import Context, command
 from qmpjobd.errors import QMPError
-
-Handler = Callable[[Context, dict], Any]
-
-
-def flushing_bottom_halves(handler: Handler) -> Handler:
-    """Run deferred job completions before the reply, whether the handler fails or not."""
-
-    @functools.wraps(handler)
-    def wrapper(ctx: Context, args: dict) -> Any:
-        try:
-            return handler(ctx, args)
-        finally:
-            ctx.daemon.jobs.run_bottom_halves()
-
-    return wrapper
-
 
 def _job(ctx: Context, job_id: str) -> Any:
     return ctx.daemon.jobs.find_job(job_id)
@@ -42,21 +25,18 @@ def _block_job(ctx: Context, job_id: str) -> Any:
 # --------------------------------------------------------------------- job-*
 
 @command("job-pause")
-@flushing_bottom_halves
 def job_pause(ctx: Context, args: dict) -> dict:
     _job(ctx, args["id"]).user_pause()
     return {}
 
 
 @command("job-resume")
-@flushing_bottom_halves
 def job_resume(ctx: Context, args: dict) -> dict:
     _job(ctx, args["id"]).user_resume()
     return {}
 
 
 @command("job-cancel")
-@flushing_bottom_halves
 def job_cancel(ctx: Context, args: dict) -> dict:
     # job-cancel is always a force cancel.
     _job(ctx, args["id"]).user_cancel(force=True)
@@ -64,14 +44,12 @@ def job_cancel(ctx: Context, args: dict) -> dict:
 
 
 @command("job-complete")
-@flushing_bottom_halves
 def job_complete(ctx: Context, args: dict) -> dict:
     _job(ctx, args["id"]).complete()
     return {}
 
 
 @command("job-finalize")
-@flushing_bottom_halves
 def job_finalize(ctx: Context, args: dict) -> dict:
     # Succeeds even when a prepare step fails; that shows only as events.
     _job(ctx, args["id"]).finalize()
@@ -79,7 +57,6 @@ def job_finalize(ctx: Context, args: dict) -> dict:
 
 
 @command("job-dismiss")
-@flushing_bottom_halves
 def job_dismiss(ctx: Context, args: dict) -> dict:
     _job(ctx, args["id"]).dismiss()
     return {}
@@ -93,21 +70,18 @@ def query_jobs(ctx: Context, args: dict) -> list:
 # --------------------------------------------------------------------- block-job-*
 
 @command("block-job-pause")
-@flushing_bottom_halves
 def block_job_pause(ctx: Context, args: dict) -> dict:
     _block_job(ctx, args["device"]).user_pause()
     return {}
 
 
 @command("block-job-resume")
-@flushing_bottom_halves
 def block_job_resume(ctx: Context, args: dict) -> dict:
     _block_job(ctx, args["device"]).user_resume()
     return {}
 
 
 @command("block-job-cancel")
-@flushing_bottom_halves
 def block_job_cancel(ctx: Context, args: dict) -> dict:
     device = args["device"]
     job = _block_job(ctx, device)
@@ -120,28 +94,24 @@ def block_job_cancel(ctx: Context, args: dict) -> dict:
 
 
 @command("block-job-complete")
-@flushing_bottom_halves
 def block_job_complete(ctx: Context, args: dict) -> dict:
     _block_job(ctx, args["device"]).complete()
     return {}
 
 
 @command("block-job-finalize")
-@flushing_bottom_halves
 def block_job_finalize(ctx: Context, args: dict) -> dict:
     _block_job(ctx, args["id"]).finalize()
     return {}
 
 
 @command("block-job-dismiss")
-@flushing_bottom_halves
 def block_job_dismiss(ctx: Context, args: dict) -> dict:
     _block_job(ctx, args["id"]).dismiss()
     return {}
 
 
 @command("block-job-set-speed")
-@flushing_bottom_halves
 def block_job_set_speed(ctx: Context, args: dict) -> dict:
     _block_job(ctx, args["device"]).set_speed(args["speed"])
     return {}

@@ -13,7 +13,6 @@ from typing import Any
 from qmpjobd.block.jobs.create import check_not_in_use, create_file
 from qmpjobd.block.jobs.mirror import MirrorJob, check_granularity
 from qmpjobd.commands import Context, command
-from qmpjobd.commands.jobs import flushing_bottom_halves
 from qmpjobd.errors import QMPError
 
 # QEMU format drivers that exist but cannot create images.
@@ -64,7 +63,6 @@ def start_mirror(ctx: Context, source: Any, target: Any, args: dict, *,
 
 
 @command("blockdev-mirror")
-@flushing_bottom_halves
 def blockdev_mirror(ctx: Context, args: dict) -> dict:
     graph = ctx.daemon.graph
     source = graph.lookup_root(args["device"])
@@ -103,7 +101,6 @@ def open_target_file(ctx: Context, source: Any, args: dict, *,
 
 
 @command("drive-mirror")
-@flushing_bottom_halves
 def drive_mirror(ctx: Context, args: dict) -> dict:
     graph = ctx.daemon.graph
     source = graph.lookup_root(args["device"])

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qmpjobd.commands import Context, command
-from qmpjobd.commands.jobs import flushing_bottom_halves
 from qmpjobd.errors import QMPError
 from qmpjobd.job.txn import JobTxn
 
@@ -156,7 +155,6 @@ register_action("abort", _prepare_abort, supports_grouped=True)
 
 
 @command("transaction")
-@flushing_bottom_halves
 def transaction(ctx: Context, args: dict) -> dict:
     actions = [(item["type"], item.get("data", {})) for item in args["actions"]]
     return run_transaction(ctx, actions, args.get("properties"))

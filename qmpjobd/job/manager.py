@@ -5,9 +5,9 @@ query-block-jobs walk that order.
 
 Bottom halves: QEMU finishes a job (``job_exit``) in a main-loop bottom half, which
 runs before the reply to the command that caused it but after everything else the
-command did. ``defer()`` queues such work; ``run_bottom_halves()`` runs it. Command
-handlers that touch jobs call ``run_bottom_halves()`` before returning (see
-``qmpjobd.commands.jobs.flushing_bottom_halves``), and a loop callback is scheduled as
+command did. ``defer()`` queues such work; ``run_bottom_halves()`` runs it. The
+dispatcher calls ``run_bottom_halves()`` after every command handler (see
+``qmpjobd.dispatch.Dispatcher``), and a loop callback is scheduled as
 a fallback so work deferred outside a command (a job woken by a timer) runs on the
 next loop turn.
 """

@@ -48,7 +48,11 @@ class FakeDaemon:
 
 
 def call(daemon: FakeDaemon, name: str, **args) -> object:
-    return HANDLERS[name](Context(daemon, session=None), args)
+    """Run a handler as the dispatcher does: bottom halves run before the reply."""
+    try:
+        return HANDLERS[name](Context(daemon, session=None), args)
+    finally:
+        daemon.jobs.run_bottom_halves()
 
 
 def null_nodes(daemon: FakeDaemon, size: int, *names: str) -> None:

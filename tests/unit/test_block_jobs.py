@@ -33,7 +33,11 @@ class Harness:
         self.ctx = Context(daemon=self.daemon, session=None)
 
     def __call__(self, name: str, args: dict | None = None):
-        return HANDLERS[name](self.ctx, args or {})
+        """Run a handler as the dispatcher does: bottom halves run before the reply."""
+        try:
+            return HANDLERS[name](self.ctx, args or {})
+        finally:
+            self.daemon.jobs.run_bottom_halves()
 
     def error(self, name: str, args: dict) -> str:
         with pytest.raises(QMPError) as info:

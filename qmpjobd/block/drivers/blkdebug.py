@@ -22,7 +22,6 @@ Rule model (checked against qemu-io/qemu-storage-daemon 7.2, see tests):
 
 from __future__ import annotations
 
-import asyncio
 import errno
 from dataclasses import dataclass
 
@@ -119,7 +118,9 @@ class BlkdebugNode(BlockNode):
             self.active.remove(rule)
             self.inject_rules.remove(rule)
         if not rule.immediately:
-            await _next_loop_iteration()
+            # QEMU completes the failed request from a bottom half: the job goes on
+            # in the same main-loop pass, before the current command's reply.
+            await self.graph.jobs.main_loop_turn()
         raise io_error(rule.errno)
 
     # --- I/O ----------------------------------------------------------------------
@@ -144,11 +145,3 @@ class BlkdebugNode(BlockNode):
         inner = self.children["image"].exact_filename()
         return None if inner is None else f"blkdebug::{inner}"
 
-
-async def _next_loop_iteration() -> None:
-    """Yield to the event loop once (QEMU: aio_co_schedule + qemu_coroutine_yield).
-
-    A bare ``sleep(0)`` yields None, which the job engine re-enters on the next loop
-    turn, as asyncio's Task does.
-    """
-    await asyncio.sleep(0)
