@@ -77,7 +77,10 @@ def _strtoint(text: str) -> int | None:
     digits = m.group(2)
     if digits[:2] in ("0x", "0X"):
         val = int(digits, 16)
-    elif len(digits) > 1:
+    elif len(digits) > 1 and digits[0] == "0":
+        # base 0: a leading zero means octal, and strtoll stops at an 8 or 9
+        if not set(digits) <= set("01234567"):
+            return None
         val = int(digits, 8)
     else:
         val = int(digits)

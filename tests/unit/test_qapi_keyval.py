@@ -58,3 +58,18 @@ def test_qemu_messages(schema, text, message):
     with pytest.raises(QMPError) as info:
         schema.parse_keyval("BlockdevOptions", text)
     assert info.value.desc == message
+
+
+@pytest.mark.parametrize("text, value", [
+    ("16777216", 16777216), ("0x10", 16), ("010", 8), ("0", 0), ("7", 7), ("-5", -5),
+])
+def test_keyval_integers_use_base_zero(text, value):
+    schema = Schema.load()
+    parsed = schema.parse_keyval("BlockdevOptions", f"null-co,node-name=n,latency-ns={text}")
+    assert parsed["latency-ns"] == (value if value >= 0 else value % 2**64)
+
+
+@pytest.mark.parametrize("text", ["08", "019", "1x"])
+def test_keyval_bad_integers(text):
+    with pytest.raises(QMPError):
+        Schema.load().parse_keyval("BlockdevOptions", f"null-co,node-name=n,size={text}")
