@@ -15,8 +15,10 @@ this module only moves bytes. Three rules shape it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -133,6 +135,31 @@ class Connection(asyncio.Protocol):
         self.closed = True
 
 
+def listening_unix_socket(path: str) -> socket.socket:
+    """A unix socket that is already listening when ``path`` appears, with mode 0600.
+
+    Binding under a temporary name and renaming it into place means a client that
+    sees the file can connect at once, and no other user ever could.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = f"{path}.{os.getpid()}.tmp"
+    old_umask = os.umask(0o177)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        sock.bind(staging)
+        sock.listen(128)
+        os.replace(staging, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
 class Server:
     """All listeners and connections of one daemon, plus event fan-out."""
 
@@ -155,13 +182,7 @@ class Server:
         loop = asyncio.get_running_loop()
         factory: Callable[[], Connection] = lambda: Connection(self, monitor)
         if monitor.path is not None:
-            # Create the socket file with mode 0600 from the start (no window in
-            # which another user could connect).
-            old_umask = os.umask(0o177)
-            try:
-                return await loop.create_unix_server(factory, monitor.path)
-            finally:
-                os.umask(old_umask)
+            return await loop.create_unix_server(factory, sock=listening_unix_socket(monitor.path))
         return await loop.create_server(factory, monitor.host, monitor.port, reuse_address=True)
 
     def broadcast(self, name: str, data: dict | None) -> None:

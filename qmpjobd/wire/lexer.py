@@ -399,9 +399,14 @@ def _fast_ok(segment: bytes, ascii_checked: bool) -> bool:
 # ---------------------------------------------------------------------------------------
 
 class StreamParser:
-    """One per connection: feed it bytes, get back complete values and errors in order."""
+    """One per connection: feed it bytes, get back complete values and errors in order.
 
-    def __init__(self) -> None:
+    ``fast_path=False`` sends everything through the faithful lexer; it exists so tests
+    can check that both paths agree.
+    """
+
+    def __init__(self, fast_path: bool = True) -> None:
+        self._fast_path = fast_path
         self.reset()
 
     def reset(self) -> None:
@@ -423,6 +428,10 @@ class StreamParser:
         data = bytes(data)
         size = len(data)
         pos = 0
+        if not self._fast_path:
+            while pos < size:
+                pos = self._lex(data, pos, out)
+            return out
         if not self._at_boundary():
             pos = self._lex(data, 0, out)
             if pos >= size:

@@ -31,6 +31,20 @@ def oracle_path() -> str:
     return path
 
 
+def is_listening(path: str) -> bool:
+    """True once a unix socket at ``path`` accepts connections (the file alone can
+    appear a moment before the server listens)."""
+    if not os.path.exists(path):
+        return False
+    with open("/proc/net/unix") as table:
+        for line in table:
+            fields = line.split()
+            # Flags 00010000 is __SO_ACCEPTCON: a listening socket.
+            if len(fields) >= 8 and fields[-1] == path and fields[3] == "00010000":
+                return True
+    return False
+
+
 def qmpjobd_command() -> list[str]:
     return [sys.executable, "-m", "qmpjobd"]
 
@@ -67,7 +81,7 @@ class DaemonProcess:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
         )
         deadline = time.monotonic() + timeout
-        while not all(os.path.exists(p) for p in self.sockets):
+        while not all(self.ready(p) for p in self.sockets):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited at start-up: {self.stderr()}")
             if time.monotonic() > deadline:
@@ -75,6 +89,11 @@ class DaemonProcess:
                 raise RuntimeError(f"{self.kind} did not create its sockets: {self.stderr()}")
             time.sleep(0.01)
         return self
+
+    def ready(self, path: str) -> bool:
+        # qmpjobd renames an already listening socket into place, so the file
+        # existing is enough; qemu-storage-daemon creates the file before listen().
+        return os.path.exists(path) if self.kind == "qmpjobd" else is_listening(path)
 
     def stderr(self) -> str:
         try:
