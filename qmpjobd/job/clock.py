@@ -73,8 +73,11 @@ class RealClock(Clock):
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        # Resolved lazily: the daemon builds its clock before the loop runs.
-        return self._loop or asyncio.get_event_loop()
+        # Resolved lazily (the daemon builds its clock before the loop runs), then
+        # kept: looking the loop up costs more than the timer itself.
+        if self._loop is None:
+            self._loop = asyncio.get_event_loop()
+        return self._loop
 
     def now_ns(self) -> int:
         return int(self.loop.time() * NS_PER_SECOND)
