@@ -378,6 +378,11 @@ _FAST_MAX_LENGTH = MAX_TOKEN_COUNT
 _SURELY_SHALLOW = MAX_NESTING
 
 
+_WINDOW = 256 * 1024            # bytes the fast decoder sees at once
+_WINDOW_MARGIN = 64 * 1024      # re-window when less than this is left ahead
+_MAX_SKIP = 64                  # most fast attempts skipped after failures
+
+
 def _fast_ok(segment: bytes, ascii_checked: bool) -> bool:
     if not ascii_checked and not segment.isascii():
         return False
@@ -436,24 +441,43 @@ class StreamParser:
             pos = self._lex(data, 0, out)
             if pos >= size:
                 return out
-        text = data.decode("latin-1")           # one char per byte: same indices
         all_ascii = data.isascii()
         fast_decode = _fast_decode
+        # The fast decoder reads a window of the data decoded as latin-1 (one char per
+        # byte, so indices map 1:1). A bounded window keeps a failed attempt cheap (json
+        # counts the newlines before an error) and the total work linear.
+        window_start = window_end = pos
+        text = ""
+        # After a failed attempt, skip a growing number of them: input the fast path
+        # cannot take (e.g. a client that single-quotes) then costs little extra.
+        skip = 0
+        penalty = 1
         while pos < size:
             byte = data[pos]
             if byte in _WHITESPACE:
                 pos = _WS_RUN.match(data, pos).end()
                 continue
-            if byte == 0x7B or byte == 0x5B:    # '{' or '['
+            if skip:
+                skip -= 1
+            elif byte == 0x7B or byte == 0x5B:  # '{' or '['
+                if pos + _WINDOW_MARGIN > window_end and window_end < size or pos >= window_end:
+                    window_start = pos
+                    text = data[pos:pos + _WINDOW].decode("latin-1")
+                    window_end = pos + len(text)
                 try:
-                    value, end = fast_decode(text, pos)
+                    value, end = fast_decode(text, pos - window_start)
                 except Exception:               # _Reject, JSONDecodeError, RecursionError
-                    pass
+                    skip = penalty
+                    penalty = min(2 * penalty, _MAX_SKIP)
                 else:
+                    end += window_start
                     if _fast_ok(data[pos:end], all_ascii):
                         out.append(ParsedValue(value))
                         pos = end
+                        penalty = 1
                         continue
+            # Anything else, including a message cut off by the end of the data or of
+            # the window, goes through the faithful lexer up to the next boundary.
             pos = self._lex(data, pos, out)
         return out
 
