@@ -32,6 +32,7 @@ bench: $(STAMP) oracle
 
 # Write the JSON Schema derived from schema/*.json for users to read.
 schema: $(STAMP)
+	mkdir -p build
 	$(BIN)/python -m qmpjobd.qapi --json-schema build/qmpjobd-schema.json
 	@echo "wrote build/qmpjobd-schema.json"
 
