@@ -4,6 +4,12 @@ The wire Session has already checked the request object itself (qmp-wire.md 3.2
 steps 1-2). What is left, in QEMU's order: look the command up (the table depends
 on the negotiation state), refuse OOB for commands that do not allow it, validate
 the arguments against the QAPI schema, run the handler.
+
+When the reply goes out relative to the events a command causes follows QEMU 7.2's
+main loop (see ``qmpjobd.job.manager``): the bottom halves left from earlier work
+run first (the main loop was idle while the command travelled), the handler runs,
+then exactly one main-loop pass runs the bottom halves the handler scheduled, then
+the reply is written. What those bottom halves schedule runs after the reply.
 """
 
 from __future__ import annotations
@@ -48,13 +54,18 @@ class Dispatcher:
         handler = self.lookup(session, request.name)
         if request.oob and not self.schema.commands[request.name].allow_oob:
             raise QMPError(f"The command {request.name} does not support OOB")
-        arguments = self.schema.validate(request.name, request.arguments)
+        jobs = self.daemon.jobs
+        jobs.run_bottom_halves()
         try:
+            arguments = self.schema.validate(request.name, request.arguments)
             return handler(Context(self.daemon, session, connection), arguments)
         finally:
-            # Work that jobs deferred to the main loop (QEMU's bottom halves) runs
-            # before the reply, whether the command succeeded or not.
-            self.daemon.jobs.run_bottom_halves()
+            # QEMU 7.2 runs a non-coroutine command in a bottom half and resumes the
+            # monitor dispatcher, which writes the reply, through the iohandler
+            # context: the main loop first makes one pass over the bottom halves the
+            # command scheduled (a job's job_exit, blkdebug's aio_co_schedule, a
+            # drain begun in a job). Whatever those schedule comes after the reply.
+            jobs.main_loop_pass()
 
     def lookup(self, session: Session, name: str) -> Handler:
         # Before negotiation the command table holds qmp_capabilities alone.

@@ -244,6 +244,14 @@ class BlockGraph:
             node.quiesce_counter += 1
             for job in list(node.job_users):
                 self.pause_job_for_drain(job)
+        # BDRV_POLL_WHILE(bdrv_drain_poll): the main loop runs until nothing on
+        # the quiesced nodes is in flight and no job using them can issue more.
+        self.jobs.poll_while(lambda: self._drain_busy(quiesced))
+
+    @staticmethod
+    def _drain_busy(quiesced: list[BlockNode]) -> bool:
+        return any(node.in_flight or any(job.drained_poll() for job in node.job_users)
+                   for node in quiesced)
 
     def drained_end(self, nodes: Iterable[BlockNode] | None = None) -> None:
         """End the latest drained section begun on the same ``nodes``.
@@ -258,6 +266,8 @@ class BlockGraph:
         else:
             raise RuntimeError("drained_end without a matching drained_begin")
         _, quiesced = self._drained_sections.pop(index)
+        # No poll here: QEMU 7.2 polls at drained_end only for drivers with a
+        # bdrv_co_drain_end callback (throttle, nbd, qed), none of which qmpjobd has.
         for node in quiesced:
             node.quiesce_counter -= 1
             for job in list(node.job_users):

@@ -14,10 +14,11 @@ the engine sees and uses to re-enter the job.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from qmpjobd.block.qjson import qdict_order, to_json
 from qmpjobd.errors import QMPError
@@ -82,6 +83,9 @@ class BlockNode:
         self.dirty_bitmaps: list[Any] = []
         # Nested drained sections currently applied to this node.
         self.quiesce_counter = 0
+        # Requests inside this node's driver (QEMU's bs->in_flight): a drain waits
+        # for them.
+        self.in_flight = 0
         # Writes started / generation covered by the last flush (QEMU write_gen).
         self.write_generation = 0
         self.flushed_generation = 0
@@ -189,7 +193,10 @@ class BlockNode:
         """Read ``length`` bytes at ``offset``; past the end reads as zeroes."""
         self._check_request(offset, length)
         inside = max(0, min(length, self.size - offset))
-        data = await self._preadv(offset, inside) if inside else b""
+        data = b""
+        if inside:
+            with self._request():
+                data = await self._preadv(offset, inside)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -203,7 +210,8 @@ class BlockNode:
             raise io_error(errno.EIO)
         if data:
             self.write_generation += 1
-            await self._pwritev(offset, data)
+            with self._request():
+                await self._pwritev(offset, data)
 
     async def co_flush(self) -> None:
         """Make written data durable. A node not written since its last flush does
@@ -211,8 +219,18 @@ class BlockNode:
         generation = self.write_generation
         if generation == self.flushed_generation:
             return
-        await self._flush()
+        with self._request():
+            await self._flush()
         self.flushed_generation = generation
+
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[None]:
+        """Count a request as in flight while the driver handles it."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _flush(self) -> None:
         """Driver flush; the default passes it to the data child."""
@@ -321,6 +339,14 @@ class BlockNode:
     def backing_node(self) -> "BlockNode | None":
         """The COW backing child (only mirror's filter has one in qmpjobd)."""
         return None
+
+    def filter_or_cow_child(self) -> "BlockNode | None":
+        """QEMU's bdrv_filter_or_cow_bs: the backing child, else the filtered child of
+        a filter driver (blkdebug's image). The non-flat query walks this chain."""
+        backing = self.backing_node()
+        if backing is not None:
+            return backing
+        return self.file_child if self.is_filter else None
 
     def dirty_bitmap_infos(self) -> list[dict]:
         """BlockDirtyInfo of the bitmaps jobs keep on this node (mirror's)."""

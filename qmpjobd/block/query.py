@@ -1,7 +1,8 @@
 """``query-named-block-nodes``: BlockDeviceInfo dicts, members in QAPI declaration order.
 
-Only what a qmpjobd node can have is reported: no backing chains, throttling, dirty
-bitmaps or encryption. Values match qemu-storage-daemon 7.2 for null-co, file, raw and
+Only what a qmpjobd node can have is reported: no COW backing files, throttling or
+encryption; the non-flat form follows filters (blkdebug, mirror_top) down to their
+child as QEMU does. Values match qemu-storage-daemon 7.2 for null-co, file, raw and
 blkdebug nodes (compared field by field in tests/unit/test_block_query.py).
 """
 
@@ -13,7 +14,8 @@ from qmpjobd.block.node import BlockNode
 
 def image_info(node: BlockNode, flat: bool) -> dict:
     """ImageInfo: filename, format, dirty-flag?, actual-size?, virtual-size,
-    backing-image? (the backing chain, only when not flat)."""
+    backing-image? (only when not flat: the next node down the chain of backing
+    and filtered children, so a blkdebug node shows its image here)."""
     info: dict = {"filename": node.filename(), "format": node.driver}
     if node.has_dirty_flag():
         info["dirty-flag"] = False
@@ -21,7 +23,7 @@ def image_info(node: BlockNode, flat: bool) -> dict:
     if actual is not None:
         info["actual-size"] = actual
     info["virtual-size"] = node.size
-    backing = node.backing_node()
+    backing = node.filter_or_cow_child()
     if backing is not None and not flat:
         info["backing-image"] = image_info(backing, flat)
     return info
@@ -29,10 +31,10 @@ def image_info(node: BlockNode, flat: bool) -> dict:
 
 def backing_depth(node: BlockNode) -> int:
     depth = 0
-    backing = node.backing_node()
+    backing = node.filter_or_cow_child()
     while backing is not None:
         depth += 1
-        backing = backing.backing_node()
+        backing = backing.filter_or_cow_child()
     return depth
 
 
@@ -70,6 +72,6 @@ def block_device_info(node: BlockNode, flat: bool = False) -> dict:
 def named_block_nodes(graph: BlockGraph, flat: bool = False) -> list[dict]:
     """Every node, newest first (QEMU prepends while walking its node list).
 
-    ``flat`` leaves out backing chains (only a mirror's filter node has one here).
+    ``flat`` leaves out the chains below filter nodes (blkdebug, mirror_top).
     """
     return [block_device_info(node, flat) for node in reversed(list(graph.nodes.values()))]

@@ -2,9 +2,10 @@
 
 Thin handlers: look the job up (job-* among all jobs, block-job-* among block jobs
 only, with their different errors), then call the job core, which applies the checks
-of job-lifecycle.md 3.1 in QEMU's order. The dispatcher runs the main-loop bottom
-halves after every handler, so a job finished by the command (e.g. cancelled) has
-emitted all its events before the reply, as in QEMU.
+of job-lifecycle.md 3.1 in QEMU's order. Whether the events of a job the command
+finishes come before or after the reply is decided by the main-loop model (see
+``qmpjobd.job.manager``): a cancelled backup concludes before the reply, a mirror
+(which drains its source from a bottom half) after it.
 """
 
 from __future__ import annotations

@@ -48,9 +48,10 @@ class Reschedule:
     """Awaitable: continue later through ``schedule(resume)``.
 
     QEMU's ``aio_co_schedule(main context)`` + yield resumes a coroutine from a
-    main-loop bottom half, i.e. still before the reply of the command that is
-    running; ``JobManager.main_loop_turn()`` builds one that goes through the job
-    manager's bottom halves to get exactly that.
+    main-loop bottom half; ``JobManager.main_loop_turn()`` and
+    ``bottom_half_turn()`` build ones that go through the job manager's bottom
+    halves, whose passes decide whether that happens before or after the reply of
+    the command that is running.
     """
 
     def __init__(self, schedule: Callable[[Callable[[], None]], None]) -> None:

@@ -26,8 +26,10 @@ is allowed too; the job then stays ``busy`` (as a QEMU job does while in a reque
 
 Starting or entering a job runs it synchronously up to its next wait; when ``run()``
 returns, the rest (waiting/pending/concluded...) happens in a main-loop bottom half
-(``JobManager.defer``), which is why a fast job's completion follows the events of
-jobs started after it in the same command.
+(``JobManager.defer``, QEMU's job_exit), which is why a fast job's completion follows
+the events of jobs started after it in the same command. Whether that bottom half runs
+before or after the reply of the command that ended ``run()`` depends on how deep in
+the main loop's passes it was scheduled (``qmpjobd.job.manager``).
 """
 
 from __future__ import annotations
@@ -387,11 +389,13 @@ class Job:
         self.cancel(force)
 
     def cancel_sync(self, force: bool) -> None:
-        """Cancel and run what can finish now (rollback of a transaction action)."""
+        """QEMU's job_cancel_sync (rollback of a transaction action): cancel, then
+        poll the main loop until the job has completed, as far as that can go
+        without waiting for I/O."""
         if self.status == JobStatus.NULL:
             return
         self.cancel(force)
-        self.manager.run_bottom_halves()
+        self.manager.poll_while(lambda: not self.is_completed)
 
     # ------------------------------------------------------------------ complete / finalize / dismiss
 
@@ -453,10 +457,13 @@ class Job:
             # QEMU 7.2 waits forever here (a never-started member of an aborted
             # grouped transaction); completing it at once is the only sane outcome.
             self._completed()
-        else:
-            self.enter()
-            self.manager.run_bottom_halves()
-        return self.is_completed
+            return self.is_completed
+        return self.manager.poll_while(self._kick_unless_completed)
+
+    def _kick_unless_completed(self) -> bool:
+        """job_finish_sync's poll condition: enter the job, then test it."""
+        self.enter()
+        return not self.is_completed
 
     def finalize_single(self) -> None:
         assert self.is_completed and self.txn is not None

@@ -3,13 +3,31 @@
 Jobs are listed newest first, as QEMU prepends to its job list; query-jobs and
 query-block-jobs walk that order.
 
-Bottom halves: QEMU finishes a job (``job_exit``) in a main-loop bottom half, which
-runs before the reply to the command that caused it but after everything else the
-command did. ``defer()`` queues such work; ``run_bottom_halves()`` runs it. The
-dispatcher calls ``run_bottom_halves()`` after every command handler (see
-``qmpjobd.dispatch.Dispatcher``), and a loop callback is scheduled as
-a fallback so work deferred outside a command (a job woken by a timer) runs on the
-next loop turn.
+Bottom halves model QEMU 7.2's main loop, because the position of a command's reply
+among the events it causes is decided there:
+
+* Work QEMU defers to the main loop is a bottom half: ``defer()`` is
+  aio_bh_schedule_oneshot (a job's job_exit, a drain begun inside a coroutine via
+  ``bottom_half_turn()``); ``co_schedule()`` is aio_co_schedule (blkdebug's
+  non-immediate error, ``main_loop_turn()``), whose coroutines share one bottom half.
+* ``main_loop_pass()`` is one aio_bh_poll(): it takes the bottom halves scheduled so
+  far and runs them *newest first* (QEMU pushes onto a list and pops from its head);
+  what they schedule waits for the next pass.
+* ``poll_while(cond)`` is AIO_WAIT_WHILE: passes until ``cond`` is false, and not one
+  more, so work scheduled by work that ran inside the poll may be left for later. A
+  poll inside a bottom half also finishes the pass it interrupted (nested aio_bh_poll
+  shares the slice list). Drains (``BlockGraph.drained_begin``) and job_finish_sync
+  (``Job.cancel_sync``, the transaction abort) poll.
+* The reply rule (``qmpjobd.dispatch``): QEMU runs a command in a bottom half and
+  resumes the monitor dispatcher, which writes the reply, through the iohandler
+  context, which the main loop serves after the block layer's context. So after a
+  handler exactly one pass runs before the reply: a backup that finished inside the
+  command completes before the reply, while blkdebug's rescheduled request fails
+  before it and the job_exit that failure schedules runs after it.
+* Everything still queued runs from the asyncio loop, one pass per loop turn, after
+  the reply has been written (events raised then are queued behind it). Before a
+  command runs, the dispatcher settles whatever is left (``run_bottom_halves()``):
+  QEMU's main loop ran while the command was on its way.
 """
 
 from __future__ import annotations
@@ -31,7 +49,7 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[str, dict], None]
 
-# Bottom halves one run_bottom_halves() call may run before yielding to the loop.
+# Main-loop passes one run_bottom_halves() or poll_while() call may run.
 BOTTOM_HALF_BUDGET = 10_000
 
 _ID_FIRST = frozenset(string.ascii_letters)
@@ -50,7 +68,13 @@ class JobManager:
         self.emit = emit
         self.clock = clock
         self.jobs: list["Job"] = []
-        self._bottom_halves: deque[Callable[[], None]] = deque()
+        # QEMU's bh_list (scheduled, not yet taken by a pass) and bh_slice_list
+        # (taken by a pass that has not finished them yet).
+        self._queued: list[Callable[[], None]] = []
+        self._slices: deque[deque[Callable[[], None]]] = deque()
+        # aio_co_schedule: coroutines waiting for the shared bottom half.
+        self._scheduled_coroutines: list[Callable[[], None]] = []
+        self._co_bh_queued = False
         self._flush_scheduled = False
 
     # ------------------------------------------------------------------ ids and the list
@@ -106,37 +130,95 @@ class JobManager:
     # ------------------------------------------------------------------ bottom halves
 
     def defer(self, fn: Callable[[], None]) -> None:
-        """Queue ``fn`` to run from the main loop, before the current command's reply."""
-        self._bottom_halves.append(fn)
+        """Schedule ``fn`` as a one-shot main-loop bottom half (aio_bh_schedule_oneshot)."""
+        self._queued.append(fn)
         self._schedule_flush()
 
-    def run_bottom_halves(self) -> None:
-        """Run every queued bottom half, including ones queued while running.
+    def co_schedule(self, resume: Callable[[], None]) -> None:
+        """Resume a coroutine from the main loop (QEMU's aio_co_schedule).
 
-        A chain that keeps re-queueing itself (a job retrying a permanent error
-        with on-error=ignore) is cut after BOTTOM_HALF_BUDGET calls and continued
-        from the event loop, so the daemon stays responsive.
+        Every coroutine scheduled this way is entered, in scheduling order, by one
+        shared bottom half; it is queued again only once it has started running.
+        """
+        self._scheduled_coroutines.append(resume)
+        if not self._co_bh_queued:
+            self._co_bh_queued = True
+            self.defer(self._co_schedule_bh)
+
+    def main_loop_turn(self) -> Reschedule:
+        """``await jobs.main_loop_turn()``: aio_co_schedule(self) + yield.
+
+        blkdebug completes a non-immediate injected error this way: the request
+        goes on in the next main-loop pass.
+        """
+        return Reschedule(self.co_schedule)
+
+    def bottom_half_turn(self) -> Reschedule:
+        """``await jobs.bottom_half_turn()``: continue in a one-shot bottom half of
+        its own, as bdrv_co_yield_to_drain() does for a drain begun in a coroutine."""
+        return Reschedule(self.defer)
+
+    def main_loop_pass(self) -> bool:
+        """One aio_bh_poll(): run the bottom halves queued now, newest first.
+
+        What they schedule waits for the next pass. A pass started inside a
+        bottom half (a nested poll) also finishes what the outer pass had left,
+        as QEMU's nested aio_bh_poll() does. Returns whether anything ran.
+        """
+        if self._queued:
+            self._slices.append(deque(reversed(self._queued)))
+            self._queued = []
+        ran = False
+        while self._slices:
+            current = self._slices[0]
+            if not current:
+                self._slices.popleft()
+                continue
+            current.popleft()()
+            ran = True
+        return ran
+
+    def poll_while(self, condition: Callable[[], bool]) -> bool:
+        """AIO_WAIT_WHILE(condition): main-loop passes while ``condition()`` holds.
+
+        Returns True once it no longer holds. Returns False when it still holds but
+        no bottom half is left: QEMU would block for I/O or a timer there, which a
+        synchronous caller cannot do, so it must continue from a callback instead.
         """
         for _ in range(BOTTOM_HALF_BUDGET):
-            if not self._bottom_halves:
+            if not condition():
+                return True
+            if not self.main_loop_pass():
+                return False
+        log.debug("poll still waiting after %d passes; continuing later", BOTTOM_HALF_BUDGET)
+        return not condition()
+
+    def run_bottom_halves(self) -> None:
+        """Run passes until no bottom half is left: the main loop with nothing else
+        to do. The dispatcher calls this before each command (the loop ran while the
+        command was on its way); unit tests use it to settle a scenario.
+
+        A chain that keeps re-queueing itself (a job retrying a permanent error with
+        on-error=ignore) is cut after BOTTOM_HALF_BUDGET passes and continued from
+        the event loop, so the daemon stays responsive.
+        """
+        for _ in range(BOTTOM_HALF_BUDGET):
+            if not self.main_loop_pass():
                 return
-            self._bottom_halves.popleft()()
-        if self._bottom_halves:
-            log.debug("bottom halves still queued after %d calls; continuing later",
+        if self.has_bottom_halves:
+            log.debug("bottom halves still queued after %d passes; continuing later",
                       BOTTOM_HALF_BUDGET)
             self._schedule_flush()
 
-    def main_loop_turn(self) -> Reschedule:
-        """``await jobs.main_loop_turn()``: let the main loop run, resume in a bottom half.
-
-        For drivers that model QEMU's ``aio_co_schedule`` + yield (blkdebug's error
-        injection): the coroutine continues before the current command's reply.
-        """
-        return Reschedule(self.defer)
-
     @property
     def has_bottom_halves(self) -> bool:
-        return bool(self._bottom_halves)
+        return bool(self._queued) or any(self._slices)
+
+    def _co_schedule_bh(self) -> None:
+        self._co_bh_queued = False
+        resumes, self._scheduled_coroutines = self._scheduled_coroutines, []
+        for resume in resumes:
+            resume()
 
     def _schedule_flush(self) -> None:
         if self._flush_scheduled:
@@ -149,8 +231,11 @@ class JobManager:
         loop.call_soon(self._flush_from_loop)
 
     def _flush_from_loop(self) -> None:
+        """One pass per event-loop turn, so I/O and timers interleave as in QEMU."""
         self._flush_scheduled = False
-        self.run_bottom_halves()
+        self.main_loop_pass()
+        if self.has_bottom_halves:
+            self._schedule_flush()
 
     # ------------------------------------------------------------------ shutdown
 

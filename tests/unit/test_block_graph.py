@@ -8,6 +8,7 @@ import pytest
 
 from qmpjobd.block.graph import BlockGraph
 from qmpjobd.errors import QMPError
+from qmpjobd.job.manager import JobManager
 
 
 class FakeJob:
@@ -23,6 +24,9 @@ class FakeJob:
     def resume(self) -> None:
         self.resumes += 1
 
+    def drained_poll(self) -> bool:
+        return False
+
     @property
     def pause_count(self) -> int:
         return self.pauses - self.resumes
@@ -30,7 +34,7 @@ class FakeJob:
 
 @pytest.fixture
 def graph() -> BlockGraph:
-    return BlockGraph(jobs=None)
+    return BlockGraph(jobs=JobManager(lambda name, data: None, clock=None))
 
 
 def error_of(fn, *args) -> str:
@@ -127,6 +131,25 @@ def test_drain_pauses_users_of_node_and_ancestors(graph: BlockGraph) -> None:
             assert (on_top.pause_count, on_base.pause_count, on_other.pause_count) == (2, 2, 1)
         assert (on_top.pause_count, on_base.pause_count, on_other.pause_count) == (1, 1, 0)
     assert (on_top.pause_count, on_base.pause_count, on_other.pause_count) == (0, 0, 0)
+
+
+def test_drain_begin_polls_until_users_are_quiet_and_no_longer(graph: BlockGraph) -> None:
+    """BDRV_POLL_WHILE(bdrv_drain_poll): bottom halves run while a user of a drained
+    node may still issue requests, and the poll stops as soon as none may."""
+    node = graph.add({"driver": "null-co", "node-name": "src"})
+    job = FakeJob()
+    busy = {"value": True}
+    job.drained_poll = lambda: busy["value"]
+    node.add_job_user(job)
+    ran: list[str] = []
+    graph.jobs.defer(lambda: ran.append("unrelated"))
+    graph.jobs.defer(lambda: (ran.append("job stops"), busy.update(value=False),
+                              graph.jobs.defer(lambda: ran.append("after"))))
+    with graph.drained([node]):
+        assert ran == ["job stops", "unrelated"]
+    assert graph.jobs.has_bottom_halves
+    with graph.drained([node]):
+        assert ran == ["job stops", "unrelated"]      # nothing to wait for: no poll
 
 
 def test_job_attaching_to_drained_node_is_paused_until_drain_ends(graph: BlockGraph) -> None:

@@ -33,7 +33,8 @@ class Harness:
         self.ctx = Context(daemon=self.daemon, session=None)
 
     def __call__(self, name: str, args: dict | None = None):
-        """Run a handler as the dispatcher does: bottom halves run before the reply."""
+        """Run a handler, then let the main loop settle (every bottom half runs).
+        Where the reply falls among the events is tested in test_main_loop.py."""
         try:
             return HANDLERS[name](self.ctx, args or {})
         finally:

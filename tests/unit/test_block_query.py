@@ -74,8 +74,17 @@ def test_file_raw_blkdebug(graph: BlockGraph, tmp_path: pathlib.Path) -> None:
                                     f'"file": {{"driver": "file", "filename": "{p}"}}}}')
     assert nodes["win"]["image"]["virtual-size"] == 4096
     assert nodes["b1"]["file"] == f"blkdebug::{p}"
+    # Not flat: a filter shows the node below it as its backing image (checked
+    # against qemu-storage-daemon 7.2).
+    file_image = {"filename": p, "format": "file", "dirty-flag": False,
+                  "actual-size": 1 << 20, "virtual-size": 1 << 20}
     assert nodes["b1"]["image"] == {"filename": f"blkdebug::{p}", "format": "blkdebug",
-                                    "dirty-flag": False, "virtual-size": 1 << 20}
+                                    "dirty-flag": False, "virtual-size": 1 << 20,
+                                    "backing-image": file_image}
+    assert nodes["b1"]["backing_file_depth"] == 1
+    flat = {i["node-name"]: i for i in named_block_nodes(graph, flat=True)}
+    assert "backing-image" not in flat["b1"]["image"]
+    assert flat["b1"]["backing_file_depth"] == 0
     assert nodes["b2"]["file"] == (
         'json:{"inject-error.0.once": true, "image": {"driver": "file", "filename": "' + p + '"}, '
         '"driver": "blkdebug", "inject-error.1.iotype": "write", "inject-error.0.event": "read_aio", '

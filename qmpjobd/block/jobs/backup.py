@@ -112,13 +112,17 @@ class _WorkerPool:
         self.active: set[CoroutineRunner] = set()
         self.failure: _CopyFailure | None = None
 
-    async def start(self, offset: int, length: int) -> None:
+    async def start(self, offset: int, length: int) -> bool:
+        """Start one chunk copy; True when the pool was full and the job waited."""
+        waited = False
         while len(self.active) >= self.max_workers:
             await self.job.park_until_woken(self)
+            waited = True
         runner = CoroutineRunner(self.job._copy_chunk(self, offset, length),
                                  on_done=self._finished, name=f"backup chunk {offset}")
         self.active.add(runner)
         runner.enter()
+        return waited
 
     def record_failure(self, is_read: bool, error: int) -> None:
         if self.failure is None:
@@ -215,8 +219,12 @@ class BackupJob(BlockJob):
             if self.is_cancelled or (failure is None and not self.dirty.dirty_clusters):
                 return 0
             if failure is None:
-                # The pass stopped for a pause request: pause, then copy the rest.
+                # The pass stopped for a pause request: pause, then copy the rest,
+                # unless a cancel came meanwhile (backup_loop looks at the job's
+                # cancel flag before it starts another block-copy call).
                 await self.pause_point()
+                if self.is_cancelled:
+                    return 0
                 continue
             policy = self.on_source_error if failure.is_read else self.on_target_error
             action = self.error_action(policy, failure.is_read, failure.error)
@@ -225,8 +233,10 @@ class BackupJob(BlockJob):
             if action == "stop":
                 await self.pause_point()
             else:
-                # ignore: retry, after one main-loop turn (as QEMU's retry passes
-                # through the main loop), so a permanent error cannot spin in place.
+                # ignore: retry. QEMU retries at once (and would spin forever on a
+                # permanent error injected with ``immediately``); one main-loop turn
+                # keeps the daemon responsive. It delays this job's completion by one
+                # pass, which only shows against other work of the same passes.
                 self.busy = False
                 await self.manager.main_loop_turn()
                 self.busy = True
@@ -236,7 +246,13 @@ class BackupJob(BlockJob):
         pool = _WorkerPool(self, self.perf.max_workers)
         chunk_limit = min(x for x in (max(self.cluster_size, CHUNK_MAX), self.perf.max_chunk) if x)
         offset = 0
-        while pool.failure is None and not self.is_cancelled and not self.should_pause:
+        # QEMU's block-copy call runs in a coroutine of its own and the job looks
+        # at its cancel flag only once the call first waits (block_copy_async
+        # returns): a pass begun by an already cancelled job (resumed from an
+        # error stop by job-cancel) still dispatches until then.
+        job_looked = False
+        while pool.failure is None and not self.should_pause \
+                and not (job_looked and self.is_cancelled):
             area = self.dirty.next_dirty_area(offset, chunk_limit)
             if area is None:
                 break
@@ -244,12 +260,13 @@ class BackupJob(BlockJob):
             delay = self.ratelimit_delay_ns(0)
             if delay > 0:
                 await self.park_until_woken(self._rate_wait, timeout_ns=delay)
+                job_looked = True
                 continue
             self.ratelimit_delay_ns(length)
             self.dirty.set(start, length, dirty=False)
             self._in_flight_bytes += length
             offset = start + length
-            await pool.start(start, length)
+            job_looked |= await pool.start(start, length)
         await pool.wait_all()
         return pool.failure
 

@@ -133,6 +133,14 @@ class BlockJob(Job):
     def clean(self) -> None:
         self.release_nodes()
 
+    def drained_poll(self) -> bool:
+        """QEMU's child_job_drained_poll: may this job still issue requests?
+
+        A job that is not busy (paused, sleeping, yielded) will pass a pause point
+        before doing anything, and a completed one does nothing. Drivers refine it.
+        """
+        return self.busy and not self.is_completed
+
     def on_free(self) -> None:
         self.release_nodes()
 

@@ -1,9 +1,11 @@
 """The ``create`` job of ``blockdev-create`` (a non-block job: JOB_STATUS_CHANGE only).
 
 Like QEMU's blockdev_create_run: progress is 0/1 while running and 1/1 afterwards,
-even on failure; the driver's create step runs in the thread pool, so the job's
-``waiting``/``aborting`` come after the command's reply. auto-finalize is always on
-and auto-dismiss always off (the command has no such options).
+even on failure. As in file-posix, the image is opened in the job coroutine and
+resized in the thread pool: a create that cannot even open its file fails within the
+command (``aborting, concluded`` before the reply), any other one finishes after it.
+auto-finalize is always on and auto-dismiss always off (the command has no such
+options).
 
 Only the ``file`` driver can create images here. Every other BlockdevCreateOptions
 driver fails the job, as QEMU does for a driver it cannot use: with QEMU's lookup
@@ -58,11 +60,15 @@ class CreateJob(Job):
 
 
 async def create_file_in_pool(graph: "BlockGraph", options: dict) -> None:
+    """file-posix's raw_co_create: the open and the lock check run in the job
+    coroutine (so their failures end run() within the command), the truncations in
+    the thread pool (so a successful create completes after the reply)."""
     filename = options["filename"]
     check_not_in_use(graph, filename)
+    fd = open_for_create(filename)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, create_file, filename, options["size"],
-                               options.get("preallocation", "off"), options.get("nocow", False))
+    await loop.run_in_executor(None, resize_and_close, fd, options["size"],
+                               options.get("preallocation", "off"))
 
 
 def check_not_in_use(graph: "BlockGraph", filename: str) -> None:
@@ -90,14 +96,20 @@ def create_file(filename: str, size: int, preallocation: str = "off",
     """file-posix's create: open (creating), empty, then grow to ``size``.
 
     ``preallocation`` off (sparse), falloc (posix_fallocate) or full (zeroes
-    written). Runs in a worker thread; raises QMPError with QEMU's texts.
+    written). Raises QMPError with QEMU's texts.
     """
-    if preallocation not in ("off", "falloc", "full"):
-        raise QMPError(f"Unsupported preallocation mode: {preallocation}")
+    resize_and_close(open_for_create(filename), size, preallocation)
+
+
+def open_for_create(filename: str) -> int:
     try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise QMPError(f"Could not create '{filename}': {os.strerror(exc.errno)}") from None
+
+
+def resize_and_close(fd: int, size: int, preallocation: str) -> None:
+    """Empty the file, then grow it to ``size``; may run in a worker thread."""
     try:
         _resize(fd, size, preallocation)
     finally:
@@ -109,6 +121,9 @@ def _resize(fd: int, size: int, preallocation: str) -> None:
         os.ftruncate(fd, 0)
     except OSError as exc:
         raise QMPError(f"Could not resize file: {os.strerror(exc.errno)}") from None
+    if preallocation not in ("off", "falloc", "full"):
+        # Checked after emptying the file, as QEMU's second truncate does.
+        raise QMPError(f"Unsupported preallocation mode: {preallocation}")
     if preallocation == "off":
         _truncate(fd, size)
     elif preallocation == "falloc":

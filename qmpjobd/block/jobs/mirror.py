@@ -25,7 +25,10 @@ Shape of QEMU 7.2's mirror.c (what the transcripts show):
   target. A soft cancel (block-job-cancel without force) of a READY job also leaves
   ``run()`` successfully, but without pivot. Any other cancel is a force cancel.
 * Between leaving ``run()`` and its prepare/abort step the source stays drained,
-  which is why a PENDING mirror shows ``paused: true`` in query-block-jobs.
+  which is why a PENDING mirror shows ``paused: true`` in query-block-jobs. The job
+  begins that drain in its coroutine, which QEMU does from a bottom half: a
+  job-complete, job-cancel or job-resume that lets the job finish is answered before
+  ``waiting``/``aborting`` and the rest.
 
 Zero extents of the source (holes of a sparse file, null-co with read-zeroes) are
 written as zeroes, skipped when the target already reads as zero there, so a sparse
@@ -146,6 +149,7 @@ class MirrorJob(BlockJob):
         self._bytes_in_flight = 0
         self._ops_changed = object()      # park reason: an operation finished
         self._source_drained = False
+        self._in_drain = False            # QEMU's in_drain: run() is draining the source
         self._errors_seen = False
         self.filter = graph.insert_filter(MirrorTopNode, filter_node_name, source)
         try:
@@ -181,6 +185,15 @@ class MirrorJob(BlockJob):
         if not self.paused:
             self.enter()
 
+    def drained_poll(self) -> bool:
+        """QEMU's mirror_drained_poll: a mirror that is neither paused, cancelled nor
+        draining itself may still issue requests; otherwise only its operations count."""
+        if not super().drained_poll():
+            return False
+        if not self.paused and not self.is_cancelled and not self._in_drain:
+            return True
+        return bool(self._ops)
+
     async def on_pause(self) -> None:
         # QEMU's mirror_pause: no operation may be in flight while paused.
         await self._wait_for_all_ops()
@@ -215,8 +228,17 @@ class MirrorJob(BlockJob):
             await self._wait_for_all_ops()
             # The source stays drained until prepare/abort (mirror_exit_common).
             if not self._source_drained:
-                self._source_drained = True
-                self.graph.drained_begin([self.source])
+                await self._drain_source()
+
+    async def _drain_source(self) -> None:
+        """bdrv_drained_begin() called in the job coroutine: QEMU leaves the coroutine
+        and drains from a bottom half (bdrv_co_yield_to_drain), so what follows, and
+        the job's completion, come after the reply of a command that woke the job
+        (job-complete, job-cancel, job-resume)."""
+        self._in_drain = True            # drained_poll must not wait for ourselves
+        await self.manager.bottom_half_turn()
+        self._source_drained = True
+        self.graph.drained_begin([self.source])
 
     async def _run(self) -> int:
         if self.target.size != self.length:
