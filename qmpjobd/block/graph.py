@@ -64,15 +64,19 @@ class BlockGraph:
         """Create a node (and its inline children) from blockdev-add arguments."""
         if "node-name" not in options:
             raise QMPError("'node-name' must be specified for the root node")
+        node = self._open_tree(options)
+        node.monitor_owned = True
+        return node
+
+    def _open_tree(self, options: dict) -> BlockNode:
+        """Open a node and its inline children; on failure, forget all of them."""
         created: list[BlockNode] = []
         try:
-            node = self._open(options, created)
+            return self._open(options, created)
         except BaseException:
             for orphan in reversed(created):
                 self._forget(orphan)
             raise
-        node.monitor_owned = True
-        return node
 
     def _open(self, options: dict, created: list[BlockNode],
               flat: dict | None = None) -> BlockNode:
@@ -150,13 +154,7 @@ class BlockGraph:
         """Open a node the daemon needs itself (drive-mirror/drive-backup targets):
         not owned by the monitor, so blockdev-del refuses it, and named by QEMU's
         generator unless ``node-name`` is given."""
-        created: list[BlockNode] = []
-        try:
-            node = self._open(options, created)
-        except BaseException:
-            for orphan in reversed(created):
-                self._forget(orphan)
-            raise
+        node = self._open_tree(options)
         # Like QEMU's bdrv_unref after the job took its reference: the node lives
         # as long as a job uses it.
         node.release_when_unused = True
