@@ -95,3 +95,14 @@ def test_qmp_shell_session_banner_query_and_completion(daemon):
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_readme_quickstart_runs_against_the_demo_setup(qmpjobd_factory):
+    daemon = qmpjobd_factory("--demo")
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py"), daemon.sockets[0]],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "JOB_STATUS_CHANGE {'status': 'created', 'id': 'b0'}"
+    assert "BLOCK_JOB_COMPLETED" in result.stdout
+    assert "'status': 'concluded'" in lines[-1] and "'current-progress': 67108864" in lines[-1]
