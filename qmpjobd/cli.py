@@ -148,6 +148,7 @@ class Config:
     blockdevs: list[str] = field(default_factory=list)
     pidfile: str | None = None
     demo: bool = False
+    demo_dir: str = "qmpjobd-demo"
     drain_artefacts: bool = True
     max_output_bytes: int = 16 * 1024 * 1024
     log_level: str = "warning"
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true", help="pretty-print on the --socket/--tcp monitors")
     p.add_argument("--pidfile", metavar="PATH", help="write the process id to PATH")
     p.add_argument("--demo", action="store_true", help="add the demo block nodes (what `make run` uses)")
+    p.add_argument("--demo-dir", default="qmpjobd-demo", metavar="DIR",
+                   help="where --demo puts its image files (default ./qmpjobd-demo)")
     p.add_argument("--no-drain-artefacts", action="store_true",
                    help="do not reproduce QEMU's extra paused/running events around transaction-style commands")
     p.add_argument("--max-output-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
@@ -189,7 +192,7 @@ def parse_args(argv: list[str]) -> Config:
             raise UsageError(f"option {name} of qemu-storage-daemon is not supported by qmpjobd")
     ns = build_parser().parse_args(argv)
     config = Config(
-        blockdevs=ns.blockdev, pidfile=ns.pidfile, demo=ns.demo,
+        blockdevs=ns.blockdev, pidfile=ns.pidfile, demo=ns.demo, demo_dir=ns.demo_dir,
         drain_artefacts=not ns.no_drain_artefacts, max_output_bytes=ns.max_output_bytes,
         log_level=ns.log_level,
     )
@@ -221,12 +224,42 @@ def parse_blockdev(schema, text: str) -> dict:
     return schema.parse_keyval("BlockdevOptions", text)
 
 
-DEMO_BLOCKDEVS = (
-    '{"driver": "null-co", "node-name": "demo-src", "size": 67108864}',
-    '{"driver": "null-co", "node-name": "demo-tgt", "size": 67108864}',
-    '{"driver": "null-co", "node-name": "demo-slow-src", "size": 1073741824, "latency-ns": 1000000}',
-    '{"driver": "null-co", "node-name": "demo-slow-tgt", "size": 1073741824}',
-)
+DEMO_IMAGE_SIZE = 16 * 1024 * 1024
+
+
+def demo_blockdevs(directory: str) -> list[str]:
+    """The demo setup of ``make run``: nodes of every driver, on images in ``directory``.
+
+    ``disk.raw`` holds random data; ``backup.raw`` and ``mirror.raw`` are empty
+    targets of the same size, so a backup or mirror can be checked with ``cmp``.
+    """
+    os.makedirs(directory, exist_ok=True)
+    disk = os.path.join(directory, "disk.raw")
+    if not os.path.exists(disk):
+        with open(disk, "wb") as f:
+            f.write(os.urandom(DEMO_IMAGE_SIZE))
+    for name in ("backup.raw", "mirror.raw"):
+        with open(os.path.join(directory, name), "wb") as f:
+            f.truncate(DEMO_IMAGE_SIZE)
+
+    def raw_file(node: str, image: str) -> str:
+        path = os.path.join(directory, image)
+        return json.dumps({"driver": "raw", "node-name": node, "file": {"driver": "file", "filename": path}})
+
+    return [
+        json.dumps({"driver": "null-co", "node-name": "demo-src", "size": 64 << 20}),
+        json.dumps({"driver": "null-co", "node-name": "demo-tgt", "size": 64 << 20}),
+        # 1 ms per request: slow enough to pause, cancel and watch progress.
+        json.dumps({"driver": "null-co", "node-name": "demo-slow-src", "size": 1 << 30, "latency-ns": 1_000_000}),
+        json.dumps({"driver": "null-co", "node-name": "demo-slow-tgt", "size": 1 << 30}),
+        raw_file("demo-disk", "disk.raw"),
+        raw_file("demo-backup", "backup.raw"),
+        raw_file("demo-mirror", "mirror.raw"),
+        # Reads of the second MiB fail with EIO, once: try on-source-error=stop.
+        json.dumps({"driver": "raw", "node-name": "demo-flaky", "file": {
+            "driver": "blkdebug", "image": {"driver": "null-co", "size": 64 << 20},
+            "inject-error": [{"event": "read_aio", "errno": 5, "sector": 2048, "once": True}]}}),
+    ]
 
 
 async def run(config: Config) -> int:
@@ -239,7 +272,7 @@ async def run(config: Config) -> int:
 
     options = DaemonOptions(drain_artefacts=config.drain_artefacts, max_output_bytes=config.max_output_bytes)
     daemon = Daemon(schema=Schema.load(), options=options)
-    blockdevs = list(DEMO_BLOCKDEVS) if config.demo else []
+    blockdevs = demo_blockdevs(config.demo_dir) if config.demo else []
     blockdevs += config.blockdevs
     for text in blockdevs:
         try:

@@ -174,3 +174,17 @@ def test_bad_command_lines(args, message):
 def test_version_and_help():
     assert "qemu-storage-daemon 7.2" in run_cli("--version").stdout
     assert "--chardev" in run_cli("--help").stdout
+
+
+def test_demo_setup_has_every_driver_and_copies_bit_exact(qmpjobd_factory):
+    daemon = qmpjobd_factory("--demo", "--demo-dir", "demo")
+    client = negotiated(daemon.sockets[0])
+    client.send(b'{"execute":"query-named-block-nodes","arguments":{"flat":true},"id":1}')
+    drivers = {node["drv"] for node in json.loads(client.recv_message())["return"]}
+    assert drivers == {"null-co", "file", "raw", "blkdebug"}
+    client.send(b'{"execute":"blockdev-backup","arguments":{"job-id":"b","device":"demo-disk",'
+                b'"target":"demo-backup","sync":"full"},"id":2}')
+    while b'"status": "null"' not in client.recv_message():
+        pass
+    images = daemon.tmp / "demo"
+    assert (images / "disk.raw").read_bytes() == (images / "backup.raw").read_bytes()
