@@ -25,7 +25,7 @@ from typing import Callable
 from qmpjobd.commands.control import version_info
 from qmpjobd.daemon import Daemon
 from qmpjobd.dispatch import Dispatcher
-from qmpjobd.wire.encode import encode
+from qmpjobd.wire.encode import encode, encode_event
 from qmpjobd.wire.lexer import StreamParser
 from qmpjobd.wire.session import Session, event_message
 
@@ -194,7 +194,7 @@ class Server:
                 continue
             pretty = connection.monitor.pretty
             if pretty not in encoded:
-                encoded[pretty] = encode(message, pretty)
+                encoded[pretty] = encode_event(message, pretty)
             connection.queue(encoded[pretty])
         if not self.flush_scheduled:
             self.flush_scheduled = True

@@ -11,9 +11,8 @@ nodes and drains the source first (``drain_source``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qmpjobd.block.jobs.backup import BackupJob, BackupPerf
 from qmpjobd.commands import Context, command
 from qmpjobd.commands.transaction import (
     ActionContext,
@@ -22,6 +21,9 @@ from qmpjobd.commands.transaction import (
     run_transaction,
 )
 from qmpjobd.errors import QMPError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.jobs.backup import BackupJob, BackupPerf
 
 BITMAP_SYNC_MODES = ("bitmap", "incremental")
 
@@ -35,7 +37,9 @@ def drain_source(actx: ActionContext, action: TxnAction, source: Any) -> None:
     action.on_clean(lambda: graph.drained_end([source]))
 
 
-def _perf(args: dict) -> BackupPerf:
+def _perf(args: dict) -> "BackupPerf":
+    from qmpjobd.block.jobs.backup import BackupPerf
+
     x_perf = args.get("x-perf", {})
     perf = BackupPerf()
     perf.use_copy_range = x_perf.get("use-copy-range", perf.use_copy_range)
@@ -64,8 +68,11 @@ def check_bitmap_arguments(source: Any, args: dict) -> None:
 
 
 def create_backup_job(actx: ActionContext, action: TxnAction, source: Any, target: Any,
-                      args: dict) -> BackupJob:
+                      args: dict) -> "BackupJob":
     """QEMU's do_backup_common + backup_job_create, plus the transaction steps."""
+    # Job drivers load on first use: a daemon's start-up does not need them.
+    from qmpjobd.block.jobs.backup import BackupJob
+
     check_bitmap_arguments(source, args)
     job = BackupJob(
         actx.daemon.jobs,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from qmpjobd.block.jobs.create import check_not_in_use, create_file
-from qmpjobd.block.jobs.mirror import MirrorJob, check_granularity
 from qmpjobd.commands import Context, command
 from qmpjobd.errors import QMPError
 
@@ -25,6 +23,9 @@ _NO_CREATE = ("null-co", "null-aio", "blkdebug", "blkverify", "blkreplay", "copy
 def start_mirror(ctx: Context, source: Any, target: Any, args: dict, *,
                  zero_target: bool) -> None:
     """blockdev_mirror_common + mirror_start: checks, then create and start the job."""
+    # Job drivers load on first use: a daemon's start-up does not need them.
+    from qmpjobd.block.jobs.mirror import MirrorJob, check_granularity
+
     graph = ctx.daemon.graph
     check_granularity(args.get("granularity", 0))
     source.check_not_busy()
@@ -86,6 +87,8 @@ def open_target_file(ctx: Context, source: Any, args: dict, *,
             raise QMPError(f"Format driver '{fmt}' does not support image creation")
         if fmt not in ("raw", "file"):
             raise QMPError(f"Driver '{fmt}' is not supported by qmpjobd")
+        from qmpjobd.block.jobs.create import check_not_in_use, create_file
+
         check_not_in_use(ctx.daemon.graph, filename)
         create_file(filename, source.size)
     elif fmt is not None and fmt not in ("raw", "file"):

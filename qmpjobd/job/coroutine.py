@@ -67,6 +67,9 @@ DoneCallback = Callable[["CoroutineRunner"], None]
 class CoroutineRunner:
     """Owns one coroutine and steps it; see the module docstring."""
 
+    __slots__ = ("name", "_coro", "_on_done", "running", "parked", "finished", "result",
+                 "_waiting", "_loop_turn_pending")
+
     def __init__(self, coro: Coroutine[Any, Any, Any], on_done: DoneCallback | None = None,
                  name: str = "") -> None:
         self.name = name

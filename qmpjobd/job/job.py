@@ -67,6 +67,15 @@ class Job:
     """One job. Creating the object is QEMU's job_create: the id is checked, the job is
     announced (``created``), listed (newest first) and put in a transaction."""
 
+    # Slots, not a __dict__: 10 000 concluded jobs kept for query-jobs cost ~1.5 KiB
+    # each in attribute dicts. Subclasses declare their own __slots__ too.
+    __slots__ = (
+        "manager", "emit", "clock", "id", "status", "auto_finalize", "auto_dismiss",
+        "pause_count", "paused", "user_paused", "busy", "cancelled", "force_cancel",
+        "deferred", "started", "ret", "error", "progress_current", "progress_total",
+        "txn", "_runner", "_sleep_timer", "_park_reason",
+    )
+
     job_type: ClassVar[str] = ""          # JobType value, e.g. "backup", "create"
     is_block_job: ClassVar[bool] = False
     can_complete: ClassVar[bool] = False  # has a complete step (mirror, active commit)
@@ -90,6 +99,7 @@ class Job:
         self.cancelled = False           # a cancel was requested
         self.force_cancel = False        # ... and it is a real (force) cancel
         self.deferred = False            # run() is over; completion runs in a bottom half
+        self.started = False             # start() ran (the runner is dropped at CONCLUDED)
         self.ret = 0
         self.error: str | None = None
         self.progress_current = 0
@@ -153,11 +163,22 @@ class Job:
     def on_free(self) -> None:
         """The job reached NULL and leaves the job list (release what it holds)."""
 
-    # ------------------------------------------------------------------ predicates
+    def release_run_state(self) -> None:
+        """The job concluded: drop what only a running job needs.
 
-    @property
-    def started(self) -> bool:
-        return self._runner is not None
+        A concluded job may stay listed for a long time (auto-dismiss=false), and
+        query-jobs, query-block-jobs and job-dismiss need only its id, type, status,
+        progress, speed, error and flags. Drivers extend this for their own state
+        (copy bitmaps, arguments) by deleting the attributes: a use afterwards is a
+        bug, and raises AttributeError instead of going unnoticed.
+        """
+        # run() has returned by now (CONCLUDED follows the completion bottom half),
+        # so the coroutine and its frame are finished.
+        assert self._runner is None or self._runner.finished, f"{self!r}: runner still live"
+        self._runner = None
+        self._cancel_sleep_timer()
+
+    # ------------------------------------------------------------------ predicates
 
     @property
     def is_completed(self) -> bool:
@@ -201,6 +222,7 @@ class Job:
         """Start the job: drop the birth pause reference and run to the first wait."""
         assert not self.started and self.paused, f"{self!r}: start() twice"
         self._runner = CoroutineRunner(self._co_entry(), name=f"job {self.id}")
+        self.started = True
         self.pause_count -= 1
         self.busy = True
         self.paused = False
@@ -483,6 +505,7 @@ class Job:
 
     def _conclude(self) -> None:
         transition(self, JobStatus.CONCLUDED)
+        self.release_run_state()
         if self.auto_dismiss or not self.started:
             self._do_dismiss()
 

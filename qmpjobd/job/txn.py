@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 class JobTxn:
     """A group of jobs that succeed or fail together."""
 
+    __slots__ = ("jobs", "aborting", "_abort_waits_for")
+
     def __init__(self) -> None:
         self.jobs: list["Job"] = []
         self.aborting = False

@@ -27,7 +27,7 @@ import math
 import re
 from typing import Callable, Iterable
 
-__all__ = ["encode", "qdict_bucket", "qdict_order"]
+__all__ = ["encode", "encode_event", "qdict_bucket", "qdict_order"]
 
 QDICT_BUCKETS = 512
 
@@ -256,6 +256,29 @@ def _qemu_write(root: object, pretty: bool) -> str:
 # ---------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------
+
+# JOB_STATUS_CHANGE is most of the event traffic (every drain pauses and resumes
+# every running job: ~10^6 events while 1000 backups start) and always has this
+# shape, so it skips the generic reorder + encode (24 % of the daemon's CPU there).
+# The member order is QEMU's QDict order, as encode() would produce it.
+_JOB_STATUS_CHANGE = ('{"timestamp": {"seconds": %d, "microseconds": %d}, '
+                      '"event": "JOB_STATUS_CHANGE", "data": {"status": %s, "id": %s}}\r\n')
+_JOB_STATUS_CHANGE_KEYS = ("timestamp", "event", "data")
+
+
+def encode_event(message: dict, pretty: bool = False) -> bytes:
+    """``encode(message, pretty)`` for an event message, cheaper for the common one."""
+    if not pretty and message.get("event") == "JOB_STATUS_CHANGE" \
+            and tuple(message) == _JOB_STATUS_CHANGE_KEYS:
+        data, stamp = message["data"], message["timestamp"]
+        status, job_id = data.get("status"), data.get("id")
+        if len(data) == 2 and type(status) is str and type(job_id) is str \
+                and type(stamp["seconds"]) is int and type(stamp["microseconds"]) is int:
+            text = _JOB_STATUS_CHANGE % (stamp["seconds"], stamp["microseconds"],
+                                         _quote(status), _quote(job_id))
+            return text.encode("ascii")
+    return encode(message, pretty)
+
 
 def encode(value: dict, pretty: bool = False) -> bytes:
     """One QMP message as QEMU writes it, terminated by ``\\r\\n``."""

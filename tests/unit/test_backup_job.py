@@ -229,3 +229,23 @@ async def test_backup_copies_file_data_bit_exact(tmp_path) -> None:
         await asyncio.sleep(0.01)
     assert "COMPLETED f" in daemon.take()
     assert (tmp_path / "tgt.img").read_bytes() == payload
+
+
+def test_concluded_job_keeps_only_what_queries_need(daemon) -> None:
+    """A job kept after CONCLUDED (auto-dismiss=false) drops its coroutine, copy
+    bitmap, rate limiter and arguments, and has no attribute dict; the queries and
+    job-dismiss still work."""
+    call(daemon, "blockdev-backup", **{"job-id": "j", "device": "src", "target": "tgt",
+                                       "sync": "full", "speed": MiB, "auto-dismiss": False})
+    job = daemon.jobs.get("j")
+    daemon.clock.run_timers()
+    daemon.jobs.run_bottom_halves()
+    assert job.status.value == "concluded"
+    assert not hasattr(job, "__dict__")
+    assert job._runner is None and job.started
+    for released in ("dirty", "perf", "rate_limit"):
+        assert not hasattr(job, released), released
+    assert call(daemon, "query-jobs")[0]["status"] == "concluded"
+    assert call(daemon, "query-block-jobs")[0]["speed"] == MiB
+    call(daemon, "job-dismiss", id="j")
+    assert call(daemon, "query-jobs") == []

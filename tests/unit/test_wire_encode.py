@@ -318,3 +318,33 @@ def _same_in_qdict_order(a: object, b: object) -> bool:
     if isinstance(b, float) and not isinstance(a, bool):
         return float(a) == b
     return type(a) is type(b) and a == b
+
+
+# ---------------------------------------------------------------------------------------
+# encode_event: the JOB_STATUS_CHANGE template must give encode()'s exact bytes
+# ---------------------------------------------------------------------------------------
+
+def test_job_status_change_template_matches_oracle() -> None:
+    from qmpjobd.wire.encode import encode_event
+    from qmpjobd.wire.session import event_message
+
+    message = event_message("JOB_STATUS_CHANGE", {"status": "created", "id": "j0"},
+                            now=1795849059.471465)
+    assert encode_event(message) == (
+        b'{"timestamp": {"seconds": 1795849059, "microseconds": 471465}, '
+        b'"event": "JOB_STATUS_CHANGE", "data": {"status": "created", "id": "j0"}}\r\n')
+
+
+@settings(max_examples=300)
+@given(status=st.text(max_size=12), job_id=st.one_of(st.none(), st.text(max_size=20)),
+       seconds=st.integers(0, 2**40), micros=st.integers(0, 999_999),
+       pretty=st.booleans(), name=st.sampled_from(["JOB_STATUS_CHANGE", "BLOCK_JOB_READY"]))
+def test_encode_event_equals_encode(status: str, job_id: str | None, seconds: int,
+                                    micros: int, pretty: bool, name: str) -> None:
+    from qmpjobd.wire.encode import encode_event
+
+    message = {"timestamp": {"seconds": seconds, "microseconds": micros}, "event": name,
+               "data": {"status": status, "id": job_id}}
+    assert encode_event(message, pretty) == encode(message, pretty)
+    extra = {**message, "data": {**message["data"], "x": 1}}
+    assert encode_event(extra, pretty) == encode(extra, pretty)

@@ -23,6 +23,7 @@ import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qmpjobd.block.bitmap import ClusterBitmap
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.errors import QMPError
 from qmpjobd.job.coroutine import CoroutineRunner
@@ -39,6 +40,9 @@ CLUSTER_SIZE_DEFAULT = 64 * KiB
 CHUNK_MAX = 1 * MiB
 MAX_WORKERS_DEFAULT = 64
 INT_MAX = 2**31 - 1
+# Park reason of a job's rate-limit sleep (wake() only ever compares a job's own
+# park reason, so one object serves every job).
+_RATE_WAIT = object()
 
 
 @dataclass
@@ -64,37 +68,38 @@ def is_allocated(node: "BlockNode", offset: int, length: int) -> tuple[bool, int
     return kind in ("data", "zero"), max(count, 1)
 
 
-class DirtyClusters:
-    """Which clusters still have to be copied; counts are in bytes of whole clusters."""
+class DirtyClusters(ClusterBitmap):
+    """Which clusters still have to be copied (one bit each, all dirty at first);
+    offsets and counts are in bytes of whole clusters."""
+
+    __slots__ = ("cluster_size",)
 
     def __init__(self, length: int, cluster_size: int) -> None:
+        super().__init__(-(-length // cluster_size), fill=True)
         self.cluster_size = cluster_size
-        self.clusters = -(-length // cluster_size)
-        self.bits = bytearray(b"\x01" * self.clusters)
-        self.dirty_clusters = self.clusters
+
+    @property
+    def dirty_clusters(self) -> int:
+        return self.count
 
     @property
     def dirty_bytes(self) -> int:
-        return self.dirty_clusters * self.cluster_size
+        return self.count * self.cluster_size
 
     def next_dirty_area(self, offset: int, max_bytes: int) -> tuple[int, int] | None:
         """First dirty run at or after ``offset``, at most ``max_bytes`` long."""
-        first = self.bits.find(1, offset // self.cluster_size)
+        first = self.next_set(offset // self.cluster_size)
         if first < 0:
             return None
-        limit = min(self.clusters, first + max(max_bytes // self.cluster_size, 1))
-        clean = self.bits.find(0, first, limit)
+        limit = min(self.size, first + max(max_bytes // self.cluster_size, 1))
+        clean = self.next_clear(first, limit)
         end = limit if clean < 0 else clean
         return first * self.cluster_size, (end - first) * self.cluster_size
 
     def set(self, offset: int, length: int, dirty: bool) -> None:
         first = offset // self.cluster_size
-        last = min(self.clusters, -(-(offset + length) // self.cluster_size))
-        value = 1 if dirty else 0
-        for index in range(first, last):
-            if self.bits[index] != value:
-                self.bits[index] = value
-                self.dirty_clusters += 1 if dirty else -1
+        last = -(-(offset + length) // self.cluster_size)
+        self.set_range(first, last, dirty)
 
 
 @dataclass
@@ -105,6 +110,8 @@ class _CopyFailure:
 
 class _WorkerPool:
     """Chunk copies in flight (QEMU's aio task pool); the job parks while it is full."""
+
+    __slots__ = ("job", "max_workers", "active", "failure")
 
     def __init__(self, job: "BackupJob", max_workers: int) -> None:
         self.job = job
@@ -140,6 +147,9 @@ class _WorkerPool:
 class BackupJob(BlockJob):
     """``blockdev-backup`` / ``drive-backup`` job (type ``backup``)."""
 
+    __slots__ = ("source", "target", "sync", "on_source_error", "on_target_error", "perf",
+                 "cluster_size", "length", "dirty", "_in_flight_bytes")
+
     job_type = "backup"
 
     def __init__(self, manager: "JobManager", job_id: str | None,
@@ -166,7 +176,6 @@ class BackupJob(BlockJob):
         self.length = source.size
         self.dirty = DirtyClusters(self.length, cluster_size)
         self._in_flight_bytes = 0
-        self._rate_wait = object()       # park reason of the rate-limit sleep
         # The job sits on the copy-before-write filter above the source in QEMU, so
         # draining the source pauses it but the source itself is not blocked.
         super().__init__(manager, job_id, source, block_main=False, speed=speed,
@@ -177,7 +186,12 @@ class BackupJob(BlockJob):
 
     def on_speed_changed(self, speed: int) -> None:
         # A new limit applies at once: recompute the current rate-limit wait.
-        self.wake(self._rate_wait)
+        self.wake(_RATE_WAIT)
+
+    def release_run_state(self) -> None:
+        super().release_run_state()
+        # The copy bitmap is the big one (a bit per cluster of the source).
+        del self.dirty, self.perf
 
     async def run(self) -> int:
         self.progress_set_remaining(self.dirty.dirty_bytes)
@@ -259,7 +273,7 @@ class BackupJob(BlockJob):
             start, length = area
             delay = self.ratelimit_delay_ns(0)
             if delay > 0:
-                await self.park_until_woken(self._rate_wait, timeout_ns=delay)
+                await self.park_until_woken(_RATE_WAIT, timeout_ns=delay)
                 job_looked = True
                 continue
             self.ratelimit_delay_ns(length)

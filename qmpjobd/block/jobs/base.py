@@ -46,6 +46,8 @@ class RateLimit:
     overspend, and callers wait until that moment.
     """
 
+    __slots__ = ("slice_ns", "slice_quota", "slice_start", "slice_end", "dispatched")
+
     def __init__(self) -> None:
         self.slice_ns = SLICE_NS
         self.slice_quota = 0          # bytes per slice; 0 = unlimited
@@ -89,6 +91,8 @@ def error_action_for(policy: str, error: int) -> str:
 class BlockJob(Job):
     """A job that works on block nodes and speaks the BLOCK_JOB_* events."""
 
+    __slots__ = ("speed", "iostatus", "rate_limit", "attached_nodes")
+
     is_block_job = True
 
     def __init__(self, manager: "JobManager", job_id: str | None, main_node: "BlockNode", *,
@@ -105,7 +109,7 @@ class BlockJob(Job):
         self.speed = 0
         self.iostatus = IO_STATUS_OK
         self.rate_limit = RateLimit()
-        self.attached_nodes: list["BlockNode"] = []
+        self.attached_nodes: tuple["BlockNode", ...] = ()
         self.attach_node(main_node, block=block_main)
         try:
             self.set_speed(speed)
@@ -122,11 +126,13 @@ class BlockJob(Job):
     def attach_node(self, node: "BlockNode", *, block: bool = True) -> None:
         """Use ``node`` (QEMU's block_job_add_bdrv); ``block`` installs the busy blocker."""
         node.add_job_user(self, blocker=self.blocker_reason if block else None)
-        self.attached_nodes.append(node)
+        # A tuple: a job attaches two or three nodes, and the empty tuple left
+        # after release_nodes() costs a concluded job nothing.
+        self.attached_nodes += (node,)
 
     def release_nodes(self) -> None:
         """Detach from every node (QEMU's block_job_remove_all_bdrv)."""
-        nodes, self.attached_nodes = self.attached_nodes, []
+        nodes, self.attached_nodes = self.attached_nodes, ()
         for node in reversed(nodes):
             node.remove_job_user(self)
 
@@ -143,6 +149,11 @@ class BlockJob(Job):
 
     def on_free(self) -> None:
         self.release_nodes()
+
+    def release_run_state(self) -> None:
+        super().release_run_state()
+        # set-speed is refused from CONCLUDED on, so nothing asks for it again.
+        del self.rate_limit
 
     # ------------------------------------------------------------------ speed
 

@@ -32,6 +32,8 @@ _NODE_REFERENCES = ("file",)
 
 
 class CreateJob(Job):
+    __slots__ = ("graph", "options")
+
     job_type = "create"
 
     def __init__(self, manager: "JobManager", graph: "BlockGraph", job_id: str,
@@ -39,6 +41,10 @@ class CreateJob(Job):
         super().__init__(manager, job_id, auto_finalize=True, auto_dismiss=False)
         self.graph = graph
         self.options = options
+
+    def release_run_state(self) -> None:
+        super().release_run_state()
+        del self.options                 # the request's arguments
 
     async def run(self) -> int:
         self.progress_set_remaining(1)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from qmpjobd.block.bitmap import ClusterBitmap
 from qmpjobd.block.drivers.mirror_top import MirrorTopNode
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.block.offload import copy_range, failed_on_read
@@ -69,41 +70,43 @@ def check_granularity(granularity: int) -> None:
         raise QMPError("Parameter 'granularity' expects a power of 2")
 
 
-class DirtyBitmap:
-    """Dirty chunks of ``granularity`` bytes; counts are bytes of whole chunks."""
+class DirtyBitmap(ClusterBitmap):
+    """Dirty chunks of ``granularity`` bytes (one bit each); counts are bytes of
+    whole chunks."""
+
+    __slots__ = ("length", "granularity")
 
     def __init__(self, length: int, granularity: int) -> None:
+        super().__init__(-(-length // granularity))
         self.length = length
         self.granularity = granularity
-        self.bits = bytearray(-(-length // granularity))
-        self.dirty_chunks = 0
+
+    @property
+    def dirty_chunks(self) -> int:
+        return self.count
 
     @property
     def dirty_bytes(self) -> int:
         """Bytes covered by dirty chunks (the last chunk may be short)."""
-        total = self.dirty_chunks * self.granularity
-        if self.bits and self.bits[-1]:
-            total -= len(self.bits) * self.granularity - self.length
+        total = self.count * self.granularity
+        if self.size and self.get(self.size - 1):
+            total -= self.size * self.granularity - self.length
         return total
 
     def set(self, offset: int, length: int, dirty: bool) -> None:
         first = offset // self.granularity
-        last = min(len(self.bits), -(-(offset + length) // self.granularity))
-        value = 1 if dirty else 0
-        for index in range(first, last):
-            if self.bits[index] != value:
-                self.bits[index] = value
-                self.dirty_chunks += 1 if dirty else -1
+        last = -(-(offset + length) // self.granularity)
+        self.set_range(first, last, dirty)
 
     def next_dirty_run(self, start: int, max_bytes: int) -> tuple[int, int] | None:
         """First run of dirty chunks at or after byte ``start`` (wrapping once)."""
-        first = self.bits.find(1, start // self.granularity)
+        first = self.next_set(start // self.granularity)
         if first < 0:
-            first = self.bits.find(1)
+            first = self.next_set(0)
             if first < 0:
                 return None
-        limit = min(len(self.bits), first + max(max_bytes // self.granularity, 1))
-        clean = self.bits.find(0, first, limit)
+        limit = min(self.size, first + max(max_bytes // self.granularity, 1))
+        clean = self.next_clear(first, limit)
         end = limit if clean < 0 else clean
         offset = first * self.granularity
         return offset, min(end * self.granularity, self.length) - offset
@@ -111,6 +114,12 @@ class DirtyBitmap:
 
 class MirrorJob(BlockJob):
     """``blockdev-mirror`` / ``drive-mirror`` job (type ``mirror``)."""
+
+    __slots__ = ("graph", "source", "target", "sync", "zero_target", "replaces",
+                 "granularity", "buf_size", "max_io_bytes", "on_source_error",
+                 "on_target_error", "length", "dirty", "should_complete", "synced",
+                 "failure_ret", "_ops", "_bytes_in_flight", "_ops_changed",
+                 "_source_drained", "_in_drain", "_errors_seen", "filter")
 
     job_type = "mirror"
     can_complete = True
@@ -218,6 +227,11 @@ class MirrorJob(BlockJob):
 
     def on_free(self) -> None:
         self.clean()
+
+    def release_run_state(self) -> None:
+        super().release_run_state()
+        # clean() has taken the bitmap off the source and no operation is left.
+        del self.dirty, self._ops
 
     # ------------------------------------------------------------------ run
 
