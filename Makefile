@@ -10,7 +10,7 @@ SOCKET ?= ./qmp.sock
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,fast]'
 	touch $(STAMP)
 
 # Run the daemon in the foreground with the built-in demo setup. Ctrl-C stops it.

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 from qmpjobd.commands.control import version_info
 from qmpjobd.daemon import Daemon
@@ -67,8 +67,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.server.connections.add(self)
         log.debug("client connected on %s", self.monitor.describe())

@@ -111,3 +111,19 @@ async def test_reconnect_finds_concluded_jobs_with_their_errors(daemon):
             raise AssertionError("a dismissed job was found again")
     finally:
         await second.disconnect()
+
+
+async def test_plain_asyncio_event_loop_runs_jobs_too(qmpjobd_factory):
+    """uvloop is used when installed; the pure-asyncio loop must work the same."""
+    daemon = qmpjobd_factory("--event-loop", "asyncio",
+                             "--blockdev", "null-co,node-name=a,size=1048576",
+                             "--blockdev", "null-co,node-name=b,size=1048576")
+    client = await connect(daemon.sockets[0])
+    listener = EventListener()
+    try:
+        with client.listen(listener):
+            await client.execute("blockdev-backup", {"job-id": "j", "device": "a", "target": "b", "sync": "full"})
+            seen = await asyncio.wait_for(statuses_until(listener, {"j"}), 10)
+    finally:
+        await client.disconnect()
+    assert seen["j"] == ["created", "running", "paused", "running", "waiting", "pending", "concluded", "null"]
