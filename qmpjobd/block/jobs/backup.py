@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qmpjobd.block.bitmap import ClusterBitmap
+from qmpjobd.block.offload import copy_range, failed_on_read
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.errors import QMPError
 from qmpjobd.job.coroutine import CoroutineRunner
@@ -288,14 +289,11 @@ class BackupJob(BlockJob):
         nbytes = min(offset + length, self.length) - offset
         failure: tuple[bool, int] | None = None
         try:
-            data = await self.source.co_pread(offset, nbytes)
+            # The kernel copies between plain files; other nodes go through
+            # co_pread/co_pwrite inside copy_range, blkdebug rules included.
+            await copy_range(self.source, offset, self.target, offset, nbytes)
         except OSError as exc:
-            failure = (True, exc.errno or errno.EIO)
-        else:
-            try:
-                await self.target.co_pwrite(offset, data)
-            except OSError as exc:
-                failure = (False, exc.errno or errno.EIO)
+            failure = (failed_on_read(exc), exc.errno or errno.EIO)
         self._in_flight_bytes -= length
         if failure is None:
             self.progress_update(length)
