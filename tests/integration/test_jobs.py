@@ -72,8 +72,9 @@ async def test_many_concurrent_jobs_each_follow_a_legal_path(qmpjobd_factory):
             assert path[-4:] == ["waiting", "pending", "concluded", "null"], (job, path)
 
 
-async def test_no_drain_artefacts_option_leaves_out_the_extra_pause(qmpjobd_factory):
-    daemon = qmpjobd_factory("--no-drain-artefacts",
+async def one_backup_statuses(qmpjobd_factory, *options: str) -> list[str]:
+    """Start a daemon with ``options``, run one 1 MiB backup, return its statuses."""
+    daemon = qmpjobd_factory(*options,
                              "--blockdev", "null-co,node-name=a,size=1048576",
                              "--blockdev", "null-co,node-name=b,size=1048576")
     client = await connect(daemon.sockets[0])
@@ -84,7 +85,12 @@ async def test_no_drain_artefacts_option_leaves_out_the_extra_pause(qmpjobd_fact
             seen = await asyncio.wait_for(statuses_until(listener, {"j"}), 10)
     finally:
         await client.disconnect()
-    assert seen["j"] == ["created", "running", "waiting", "pending", "concluded", "null"]
+    return seen["j"]
+
+
+async def test_no_drain_artefacts_option_leaves_out_the_extra_pause(qmpjobd_factory):
+    assert await one_backup_statuses(qmpjobd_factory, "--no-drain-artefacts") == [
+        "created", "running", "waiting", "pending", "concluded", "null"]
 
 
 async def test_reconnect_finds_concluded_jobs_with_their_errors(daemon):
@@ -115,15 +121,5 @@ async def test_reconnect_finds_concluded_jobs_with_their_errors(daemon):
 
 async def test_plain_asyncio_event_loop_runs_jobs_too(qmpjobd_factory):
     """uvloop is used when installed; the pure-asyncio loop must work the same."""
-    daemon = qmpjobd_factory("--event-loop", "asyncio",
-                             "--blockdev", "null-co,node-name=a,size=1048576",
-                             "--blockdev", "null-co,node-name=b,size=1048576")
-    client = await connect(daemon.sockets[0])
-    listener = EventListener()
-    try:
-        with client.listen(listener):
-            await client.execute("blockdev-backup", {"job-id": "j", "device": "a", "target": "b", "sync": "full"})
-            seen = await asyncio.wait_for(statuses_until(listener, {"j"}), 10)
-    finally:
-        await client.disconnect()
-    assert seen["j"] == ["created", "running", "paused", "running", "waiting", "pending", "concluded", "null"]
+    assert await one_backup_statuses(qmpjobd_factory, "--event-loop", "asyncio") == [
+        "created", "running", "paused", "running", "waiting", "pending", "concluded", "null"]
