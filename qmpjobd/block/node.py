@@ -131,17 +131,6 @@ class BlockNode:
                 stack.extend(node.parent_nodes)
         return seen
 
-    def descendants(self) -> list["BlockNode"]:
-        """Every node below this one, each once."""
-        seen: list[BlockNode] = []
-        stack = list(self.children.values())
-        while stack:
-            node = stack.pop()
-            if node not in seen:
-                seen.append(node)
-                stack.extend(node.children.values())
-        return seen
-
     # --- users and blockers ---------------------------------------------------------
 
     def add_job_user(self, job: Any, *, backend: bool = False,

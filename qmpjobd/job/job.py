@@ -213,9 +213,6 @@ class Job:
     def progress_set_remaining(self, remaining: int) -> None:
         self.progress_total = self.progress_current + remaining
 
-    def progress_increase_remaining(self, delta: int) -> None:
-        self.progress_total += delta
-
     # ------------------------------------------------------------------ running
 
     def start(self) -> None:

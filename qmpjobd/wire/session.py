@@ -22,7 +22,7 @@ from qmpjobd.errors import QMPError
 from qmpjobd.wire.encode import qdict_order
 from qmpjobd.wire.lexer import ParsedValue, ParseError
 
-__all__ = ["Request", "Session", "event_message", "is_oob_request"]
+__all__ = ["Request", "Session", "event_message"]
 
 CAPABILITIES = ("oob",)         # QMPCapability: the only capability QEMU defines
 
@@ -38,19 +38,6 @@ class Request:
     oob: bool = False           # sent as exec-oob (only possible with OOB enabled)
     has_id: bool = False
     id: object = None
-
-
-def is_oob_request(item: ParsedValue | ParseError) -> bool:
-    """Whether QEMU would dispatch this input at once, ahead of queued requests.
-
-    QEMU looks only at the keys (``exec-oob`` present, ``execute`` absent), before any
-    check and whether or not OOB is enabled; such a request's reply, even an error,
-    may overtake in-band replies.
-    """
-    if not isinstance(item, ParsedValue):
-        return False
-    value = item.value
-    return type(value) is dict and "exec-oob" in value and "execute" not in value
 
 
 def _error(error_class: str, desc: str) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from qmpjobd.errors import QMPError
 from qmpjobd.wire.encode import encode
 from qmpjobd.wire.lexer import ParsedValue, ParseError, StreamParser
-from qmpjobd.wire.session import Request, Session, event_message, is_oob_request
+from qmpjobd.wire.session import Request, Session, event_message
 
 QSD_VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 22},
                "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}
@@ -180,14 +180,6 @@ def test_take_keeps_id_of_any_type() -> None:
     for ident in ["x", 1, 1.5, None, True, [1], {"a": {}}]:
         reply = session.take(ParsedValue({"id": ident}))
         assert reply["id"] == ident and "error" in reply
-
-
-def test_is_oob_request() -> None:
-    assert is_oob_request(ParsedValue({"exec-oob": 5}))
-    assert not is_oob_request(ParsedValue({"exec-oob": "x", "execute": "y"}))
-    assert not is_oob_request(ParsedValue({"execute": "y"}))
-    assert not is_oob_request(ParsedValue(["exec-oob"]))
-    assert not is_oob_request(ParseError("JSON parse error, expecting value"))
 
 
 # ---------------------------------------------------------------------------------------
