@@ -106,3 +106,26 @@ def test_readme_quickstart_runs_against_the_demo_setup(qmpjobd_factory):
     assert lines[0] == "JOB_STATUS_CHANGE {'status': 'created', 'id': 'b0'}"
     assert "BLOCK_JOB_COMPLETED" in result.stdout
     assert "'status': 'concluded'" in lines[-1] and "'current-progress': 67108864" in lines[-1]
+
+
+def test_legacy_sync_api_commands_and_events(daemon):
+    """qemu.qmp.legacy.QEMUMonitorProtocol: the synchronous API of iotests and
+    older management scripts (cmd, cmd_obj with no id, pull_event, get_events)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    qmp = QEMUMonitorProtocol(daemon.sockets[0])
+    greeting = qmp.connect(negotiate=True)
+    try:
+        assert greeting["QMP"]["capabilities"] == ["oob"]
+        assert qmp.cmd_obj({"execute": "query-jobs"}) == {"return": []}
+        reply = qmp.cmd_raw("job-dismiss", {"id": "nope"})
+        assert reply["error"] == {"class": "GenericError", "desc": "Job not found"}
+        qmp.cmd("blockdev-backup", **{"job-id": "j", "device": "src", "target": "tgt", "sync": "full"})
+        statuses = []
+        while not statuses or statuses[-1] != "null":
+            event = qmp.pull_event(wait=10.0)
+            if event and event["event"] == "JOB_STATUS_CHANGE":
+                statuses.append(event["data"]["status"])
+        assert statuses == ["created", "running", "paused", "running", "waiting", "pending", "concluded", "null"]
+    finally:
+        qmp.close()
