@@ -20,7 +20,9 @@ class NullNode(BlockNode):
 
     def open(self) -> None:
         self.latency_ns: int = self.options.get("latency-ns", 0)
-        if self.latency_ns < 0:
+        # uint64 in the schema (a negative number has wrapped); QEMU keeps it in
+        # an int64 and refuses what does not fit.
+        if not 0 <= self.latency_ns < 1 << 63:
             raise QMPError("latency-ns is invalid")
         self.read_zeroes: bool = bool(self.options.get("read-zeroes", False))
         # QEMU keeps the length in 512-byte sectors, rounding up.

@@ -122,7 +122,14 @@ def resize_and_close(fd: int, size: int, preallocation: str) -> None:
         os.close(fd)
 
 
+def _as_off_t(size: int) -> int:
+    """The schema's uint64 as C's signed off_t: past INT64_MAX it turns negative,
+    and the kernel answers EINVAL, as it does for QEMU."""
+    return size - (1 << 64) if size >= 1 << 63 else size
+
+
 def _resize(fd: int, size: int, preallocation: str) -> None:
+    size = _as_off_t(size)
     try:
         os.ftruncate(fd, 0)
     except OSError as exc:
