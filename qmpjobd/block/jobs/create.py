@@ -139,6 +139,7 @@ def _resize(fd: int, size: int, preallocation: str) -> None:
         raise QMPError(f"Unsupported preallocation mode: {preallocation}")
     if preallocation == "off":
         _truncate(fd, size)
+        _allocate_first_block(fd, size)
     elif preallocation == "falloc":
         try:
             os.posix_fallocate(fd, 0, size)
@@ -148,6 +149,18 @@ def _resize(fd: int, size: int, preallocation: str) -> None:
     else:
         _truncate(fd, size)
         _write_zeroes(fd, size)
+
+
+def _allocate_first_block(fd: int, size: int) -> None:
+    """Write zeroes over the first block (at most 4 KiB), as QEMU's file driver does
+    after growing a new image: its alignment probing needs an allocated block. It
+    shows in query-named-block-nodes as actual-size 4096."""
+    length = min(max(size, 0), 4096)
+    if length:
+        try:
+            os.pwrite(fd, bytes(length), 0)
+        except OSError:
+            pass  # QEMU ignores a failure here too: the image is still usable
 
 
 def _truncate(fd: int, size: int) -> None:
