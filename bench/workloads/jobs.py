@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from bench.client import CRLF, Conn, Stream, drive, is_event, is_status, request, socket_of
 from bench.config import Config
@@ -40,16 +42,23 @@ def backup_args(job: str, src: str, tgt: str, **extra: object) -> dict:
     return {"job-id": job, "device": src, "target": tgt, "sync": "full", **extra}
 
 
+@contextmanager
+def small_pair_session(kind: str) -> Iterator[tuple[Any, Conn]]:
+    """A fresh daemon, one negotiated connection, null-co nodes "s" and "t" of SMALL bytes."""
+    with daemon(kind) as d, Conn(d.sockets[0]) as conn:
+        conn.handshake()
+        add_null(conn, "s", SMALL)
+        add_null(conn, "t", SMALL)
+        yield d, conn
+
+
 # -- 5. job churn ---------------------------------------------------------------
 
 
 def churn(kind: str, cfg: Config) -> dict[str, float]:
     """n manual jobs in a row: start, wait PENDING, finalize, dismiss (wait null)."""
     n = cfg.pick(full=1000, quick=100)
-    with daemon(kind) as d, Conn(d.sockets[0]) as conn:
-        conn.handshake()
-        add_null(conn, "s", SMALL)
-        add_null(conn, "t", SMALL)
+    with small_pair_session(kind) as (d, conn):
         start = time.perf_counter()
         for i in range(n):
             _one_manual_job(conn, f"j{i}")
@@ -144,10 +153,7 @@ def memory(kind: str, cfg: Config) -> dict[str, float]:
 def memory_concluded(kind: str, cfg: Config) -> dict[str, float]:
     """Peak RSS with n concluded, undismissed jobs (one node pair, reused)."""
     n = cfg.pick(full=10000, quick=1000)
-    with daemon(kind) as d, Conn(d.sockets[0]) as conn:
-        conn.handshake()
-        add_null(conn, "s", SMALL)
-        add_null(conn, "t", SMALL)
+    with small_pair_session(kind) as (d, conn):
         base = status_kib(pid(d), "VmRSS")
         for i in range(n):
             job = f"j{i}"
