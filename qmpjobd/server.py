@@ -60,7 +60,6 @@ class Connection(asyncio.Protocol):
         self.session = Session()
         self.parser = StreamParser()
         self.pending: list[bytes] = []
-        self.pending_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -106,14 +105,12 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         self.pending.append(data)
-        self.pending_bytes += len(data)
 
     def flush(self) -> None:
         if self.closed or not self.pending or self.transport is None:
             return
         self.transport.writelines(self.pending)
         self.pending.clear()
-        self.pending_bytes = 0
         self.enforce_output_bound()
 
     def enforce_output_bound(self) -> None:
