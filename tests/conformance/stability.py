@@ -1,0 +1,69 @@
+"""Play scenarios repeatedly against one daemon, under CPU load, and report drift.
+
+A scenario can only be a conformance test if the oracle itself always produces the
+same transcript for it. Timing-dependent orderings (a reply racing thread-pool I/O)
+often hold on an idle machine and break on a loaded CI runner; this tool finds them
+before CI does:
+
+    .venv/bin/python -m tests.conformance.stability --runs 5 --load 2 \\
+        tests/conformance/scenarios/*.qmp
+
+``--load N`` keeps N busy-looping processes running while the scenarios play.
+``--kind qmpjobd`` checks qmpjobd's own stability the same way. Exit status 1 when
+any scenario produced more than one distinct transcript.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import multiprocessing
+import sys
+from pathlib import Path
+
+from tests.conformance.runner import Player, Scenario
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def distinct_transcripts(path: Path, kind: str, runs: int) -> list[list[str]]:
+    scenario = Scenario.load(path)
+    seen: list[list[str]] = []
+    for _ in range(runs):
+        transcript = Player(scenario, kind).play()
+        if transcript not in seen:
+            seen.append(transcript)
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenarios", nargs="+", type=Path)
+    parser.add_argument("--kind", choices=("qsd", "qmpjobd"), default="qsd")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--load", type=int, default=0, help="busy processes while playing")
+    args = parser.parse_args(argv)
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.load)]
+    for spinner in spinners:
+        spinner.start()
+    unstable = 0
+    try:
+        for path in args.scenarios:
+            variants = distinct_transcripts(path, args.kind, args.runs)
+            print(f"{'stable' if len(variants) == 1 else 'UNSTABLE'} {path.name}"
+                  f" ({len(variants)} variant(s) in {args.runs} runs)", flush=True)
+            if len(variants) > 1:
+                unstable += 1
+                for other in variants[1:]:
+                    print("\n".join(difflib.unified_diff(variants[0], other, lineterm="")))
+    finally:
+        for spinner in spinners:
+            spinner.terminate()
+    return 1 if unstable else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
