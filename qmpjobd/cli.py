@@ -207,8 +207,13 @@ def parse_args(argv: list[str]) -> Config:
             raise UsageError(f"attempt to add duplicate property '{dev.id}' to object (type 'container')")
         chardevs[dev.id] = dev
     used: set[str] = set()
-    for text in ns.monitor:
-        config.monitors.append(parse_monitor(text, chardevs, used))
+    monitors = {spec.chardev_id: spec
+                for spec in (parse_monitor(text, chardevs, used) for text in ns.monitor)}
+    # Every chardev listens, in creation order; those without a monitor too (as in
+    # qemu-storage-daemon, where query-chardev lists them).
+    for dev in chardevs.values():
+        config.monitors.append(monitors.get(dev.id) or MonitorSpec(
+            dev.id, path=dev.path, host=dev.host, port=dev.port, frontend=False))
     for index, path in enumerate(ns.socket):
         config.monitors.append(MonitorSpec(f"socket{index}", path=path, pretty=ns.pretty))
     for index, text in enumerate(ns.tcp):
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_args(argv)
-        if not config.monitors:
+        if not any(monitor.frontend for monitor in config.monitors):
             raise UsageError("no monitor given: use --socket PATH, --tcp PORT or --chardev/--monitor")
         logging.basicConfig(level=config.log_level.upper(), format="qmpjobd: %(levelname)s: %(message)s")
         with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:

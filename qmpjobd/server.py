@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from typing import Callable, cast
 from qmpjobd.commands.control import version_info
 from qmpjobd.daemon import Daemon
 from qmpjobd.dispatch import Dispatcher
+from qmpjobd.qapi.ghash import GHashSet
 from qmpjobd.wire.encode import encode, encode_event
 from qmpjobd.wire.lexer import StreamParser
 from qmpjobd.wire.session import Session, event_message
@@ -44,6 +46,9 @@ class MonitorSpec:
     host: str | None = None
     port: int | None = None
     pretty: bool = False
+    # False for a --chardev that no --monitor uses: it listens (as in QEMU) and
+    # accepts clients, but nothing speaks on it.
+    frontend: bool = True
 
     def describe(self) -> str:
         if self.path is not None:
@@ -57,6 +62,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: "Server", monitor: MonitorSpec) -> None:
         self.server = server
         self.monitor = monitor
+        self.serial = next(server.connection_serials)   # connection order
         self.session = Session()
         self.parser = StreamParser()
         self.pending: list[bytes] = []
@@ -157,6 +163,34 @@ def listening_unix_socket(path: str) -> socket.socket:
     return sock
 
 
+def _bracketed(host: str | None) -> str:
+    """An IPv6 address as QEMU prints it next to a port."""
+    return f"[{host}]" if host and ":" in host else str(host)
+
+
+class IdleConnection(asyncio.Protocol):
+    """A client of a chardev without a monitor: held open, its bytes ignored."""
+
+    def __init__(self, server: "Server", monitor: MonitorSpec) -> None:
+        self.server = server
+        self.monitor = monitor
+        self.serial = next(server.connection_serials)
+        self.transport: asyncio.BaseTransport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.server.idle_connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.idle_connections.discard(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class Server:
     """All listeners and connections of one daemon, plus event fan-out."""
 
@@ -165,19 +199,31 @@ class Server:
         self.dispatcher = dispatcher
         self.monitors = monitors
         self.connections: set[Connection] = set()
+        self.idle_connections: set[IdleConnection] = set()
+        self.connection_serials = itertools.count()
         self.listeners: list[asyncio.AbstractServer] = []
+        # chardev id -> its listener, for query-chardev.
+        self.listener_of: dict[str, asyncio.AbstractServer] = {}
         self.stopped = asyncio.Event()
         self.flush_scheduled = False
         daemon.sinks.append(self.broadcast)
 
     async def start(self) -> None:
         for monitor in self.monitors:
-            self.listeners.append(await self.listen(monitor))
-            log.info("listening on %s (monitor %s)", monitor.describe(), monitor.chardev_id)
+            listener = await self.listen(monitor)
+            self.listeners.append(listener)
+            self.listener_of[monitor.chardev_id] = listener
+            log.info("listening on %s (%s %s)", monitor.describe(),
+                     "monitor" if monitor.frontend else "chardev without monitor",
+                     monitor.chardev_id)
 
     async def listen(self, monitor: MonitorSpec) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
-        factory: Callable[[], Connection] = lambda: Connection(self, monitor)
+        factory: Callable[[], asyncio.Protocol]
+        if monitor.frontend:
+            factory = lambda: Connection(self, monitor)
+        else:
+            factory = lambda: IdleConnection(self, monitor)
         if monitor.path is not None:
             return await loop.create_unix_server(factory, sock=listening_unix_socket(monitor.path))
         return await loop.create_server(factory, monitor.host, monitor.port, reuse_address=True)
@@ -202,12 +248,48 @@ class Server:
         for connection in list(self.connections):
             connection.flush()
 
+    def chardev_info(self) -> list[dict]:
+        """query-chardev: ChardevInfo per chardev, in QEMU's order (its /chardevs
+        container is a GLib hash table keyed by id, filled in creation order, and the
+        list is built backwards)."""
+        order = GHashSet()
+        for monitor in self.monitors:
+            order.add(monitor.chardev_id)
+        by_id = {monitor.chardev_id: monitor for monitor in self.monitors}
+        # QEMU prepends each chardev to the answer while it walks the table.
+        return [{"label": chardev_id, "filename": self.chardev_filename(by_id[chardev_id]),
+                 "frontend-open": by_id[chardev_id].frontend}
+                for chardev_id in reversed(list(order))]
+
+    def chardev_filename(self, monitor: MonitorSpec) -> str:
+        """QEMU's socket chardev filename: the listening address, prefixed with
+        ``disconnected:`` while no client is connected; a TCP client adds
+        ``<-> peer``. With several clients (QEMU has at most one) the oldest counts."""
+        listener = self.listener_of.get(monitor.chardev_id)
+        clients = [c for c in (*self.connections, *self.idle_connections)
+                   if c.monitor is monitor and not c.closed]
+        if monitor.path is not None:
+            local = f"unix:{monitor.path},server=on"
+            return local if clients else f"disconnected:{local}"
+        host, port = monitor.host, monitor.port
+        if listener is not None and listener.sockets:
+            host, port = listener.sockets[0].getsockname()[:2]
+        if not clients:
+            return f"disconnected:tcp:{host}:{port},server=on"
+        oldest = min(clients, key=lambda c: c.serial)
+        peer = oldest.transport.get_extra_info("peername") if oldest.transport else None
+        peer_host, peer_port = peer[:2] if peer else ("", 0)
+        return (f"tcp:{_bracketed(host)}:{port},server=on"
+                f" <-> {_bracketed(peer_host)}:{peer_port}")
+
     def shutdown(self) -> None:
         """Flush and close every connection, stop listening, remove socket files."""
         for listener in self.listeners:
             listener.close()
         for connection in list(self.connections):
             connection.close()
+        for idle in list(self.idle_connections):
+            idle.close()
         for monitor in self.monitors:
             if monitor.path is not None:
                 try:

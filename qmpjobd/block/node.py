@@ -89,6 +89,10 @@ class BlockNode:
         # Writes started / generation covered by the last flush (QEMU write_gen).
         self.write_generation = 0
         self.flushed_generation = 0
+        # QEMU's bs->wr_highest_offset (query-blockstats) and the one-shot write
+        # threshold of block-set-write-threshold (0: disarmed).
+        self.wr_highest_offset = 0
+        self.write_threshold = 0
         self.parent_nodes: list[BlockNode] = []
         for child in children.values():
             child.parent_nodes.append(self)
@@ -199,8 +203,63 @@ class BlockNode:
             raise io_error(errno.EIO)
         if data:
             self.write_generation += 1
-            with self._request():
-                await self._pwritev(offset, data)
+            self.write_request_started(offset, len(data))
+            try:
+                with self._request():
+                    await self._pwritev(offset, data)
+            finally:
+                self.write_request_finished(offset, len(data))
+
+    def write_request_started(self, offset: int, length: int) -> None:
+        """QEMU's write-request prepare step: an armed threshold that the request
+        ends past fires BLOCK_WRITE_THRESHOLD once and disarms itself."""
+        end = offset + length
+        threshold = self.write_threshold
+        if threshold and end > threshold:
+            self.write_threshold = 0
+            self.graph.jobs.emit("BLOCK_WRITE_THRESHOLD", {
+                "node-name": self.node_name, "amount-exceeded": end - threshold,
+                "write-threshold": threshold})
+
+    def write_request_finished(self, offset: int, length: int) -> None:
+        """QEMU's write-request finish step; it runs whether the write failed or not."""
+        self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
+
+    def chain_write_started(self, offset: int, length: int) -> None:
+        """A write that passes this node and every data child below it without going
+        through their co_pwrite (copy offload, a zero write skipped as redundant)."""
+        node: BlockNode | None = self
+        while node is not None:
+            node.write_request_started(offset, length)
+            offset += node.child_offset()
+            node = node.file_child
+
+    def chain_write_finished(self, offset: int, length: int) -> None:
+        node: BlockNode | None = self
+        while node is not None:
+            node.write_request_finished(offset, length)
+            offset += node.child_offset()
+            node = node.file_child
+
+    async def co_pdiscard(self, offset: int, length: int) -> None:
+        """Discard a range: nothing happens (and nothing yields) unless the node was
+        opened with discard=unmap, as in QEMU. The range then reads as zeroes."""
+        self._check_request(offset, length)
+        if self.options.get("discard") not in ("unmap", "on") or not length:
+            return
+        if self.read_only:
+            raise io_error(errno.EPERM)
+        self.write_generation += 1
+        self.write_request_started(offset, length)
+        with self._request():
+            await self._pdiscard(offset, length)
+
+    async def _pdiscard(self, offset: int, length: int) -> None:
+        """Driver discard; formats and filters pass it to their data child, a
+        driver without a data child ignores it (QEMU's null-co)."""
+        child = self.file_child
+        if child is not None:
+            await child._pdiscard(offset + self.child_offset(), length)
 
     async def co_flush(self) -> None:
         """Make written data durable. A node not written since its last flush does

@@ -46,8 +46,15 @@ async def copy_range(source: BlockNode, src_offset: int, target: BlockNode,
         src_fd, src_base = source.host_file()   # type: ignore[misc]
         dst_fd, dst_base = target.host_file()   # type: ignore[misc]
         loop = asyncio.get_running_loop()
-        copied = await loop.run_in_executor(
-            None, _kernel_copy, src_fd, src_base + src_offset, dst_fd, dst_base + dst_offset, length)
+        # The target's write request starts with the copy (qemu-storage-daemon
+        # reports an armed write threshold before the copy's I/O completes).
+        target.chain_write_started(dst_offset, length)
+        try:
+            copied = await loop.run_in_executor(
+                None, _kernel_copy, src_fd, src_base + src_offset, dst_fd, dst_base + dst_offset,
+                length)
+        finally:
+            target.chain_write_finished(dst_offset, length)
         if copied is not None:
             target.write_generation += 1
             if copied < length:

@@ -30,6 +30,8 @@ MODULES = (
     "mirror",
     "create",
     "drive",
+    "block_export",
+    "char",
 )
 
 

@@ -13,6 +13,8 @@ same key we replay both containers:
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 _M32 = 0xFFFFFFFF
 _PRIME_MOD = [1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191,
               16381, 32749, 65521, 131071, 262139, 524287, 1048573, 2097143,
@@ -136,6 +138,12 @@ class GHashSet:
             del self.hashes[self.size:]
             del self.keys[self.size:]
         self.noccupied = self.nnodes
+
+    def __iter__(self) -> Iterator[str]:
+        """Keys in GLib's iteration order (bucket order)."""
+        for h, k in zip(self.hashes, self.keys):
+            if h > _TOMBSTONE:
+                yield k  # type: ignore[misc]
 
     def first(self) -> str | None:
         for h, k in zip(self.hashes, self.keys):

@@ -182,6 +182,8 @@ class Player:
         message = TIMESTAMP.sub(b'"seconds": S, "microseconds": U', message)
         message = MICRO.sub(b'"micro": M', message)
         message = PACKAGE.sub(b'"package": P', message)
+        # Socket paths (query-chardev) lie in each daemon's own temporary directory.
+        message = message.replace(str(self.workdir).encode(), b"DIR")
         for mask in self.masks:
             message = mask.sub(rb"\1#", message)
         self.transcript.append(f"[{index}] <- {message.decode('latin-1')!r}")

@@ -82,7 +82,7 @@ def test_qmp_shell_session_banner_query_and_completion(daemon):
         os.write(fd, b"query-version\n")
         out = read_until(fd, b"(QEMU) ")
         assert b'"package": "qmpjobd' in out
-        os.write(fd, b"query-bl\t")
+        os.write(fd, b"query-block-j\t")
         completed = read_until(fd, b"query-block-jobs")
         assert b"query-block-jobs" in completed
         os.write(fd, b"\n")

@@ -211,10 +211,15 @@ async def test_mirror_pending_shows_paused_from_exit_drain() -> None:
 
 
 @pytest.mark.parametrize("policy, expected_pause", [("stop", True), ("report", False)])
-async def test_mirror_source_error_offsets_match_qemu(policy: str, expected_pause: bool) -> None:
+async def test_mirror_source_error_offsets_match_qemu(policy: str, expected_pause: bool,
+                                                     tmp_path: pathlib.Path) -> None:
+    # A source with data: over null-co (no read-zeroes) QEMU's mirror discards on the
+    # target instead of reading, so an injected read error would never fire.
+    image = tmp_path / "data.raw"
+    image.write_bytes(b"\x5a" * (8 * MiB))
     h = Harness()
     h("blockdev-add", {"driver": "raw", "node-name": "e", "file": {
-        "driver": "blkdebug", "image": {"driver": "null-co", "size": 8 * MiB},
+        "driver": "blkdebug", "image": {"driver": "file", "filename": str(image)},
         "inject-error": [{"errno": 5, "event": "read_aio", "once": True}]}})
     h("blockdev-add", {"driver": "null-co", "node-name": "t", "size": 8 * MiB})
     h("blockdev-mirror", {"job-id": "m", "device": "e", "target": "t", "sync": "full",

@@ -18,12 +18,14 @@ REQUIRED = [
     "job-pause", "job-resume", "job-cancel", "job-complete", "job-finalize", "job-dismiss",
     "query-jobs", "block-job-pause", "block-job-resume", "block-job-cancel",
     "block-job-complete", "block-job-finalize", "block-job-dismiss", "block-job-set-speed",
-    "query-block-jobs", "blockdev-add", "blockdev-del", "query-named-block-nodes",
+    "query-block-jobs", "query-block", "query-blockstats", "block-set-write-threshold",
+    "query-block-exports", "query-chardev", "query-chardev-backends", "blockdev-add", "blockdev-del", "query-named-block-nodes",
     "blockdev-backup", "drive-backup", "blockdev-mirror", "drive-mirror", "blockdev-create",
     "transaction",
 ]
 EVENTS = ["JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
-          "BLOCK_JOB_ERROR", "BLOCK_JOB_READY", "BLOCK_JOB_PENDING"]
+          "BLOCK_JOB_ERROR", "BLOCK_JOB_READY", "BLOCK_JOB_PENDING",
+          "BLOCK_WRITE_THRESHOLD"]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def test_entry_shapes(ours):
     assert by_name["0"] == {"name": "0", "members": [], "meta-type": "object"}
     assert by_name["drive-backup"]["features"] == ["deprecated"]
     builtins = {e["name"]: e["json-type"] for e in ours if e["meta-type"] == "builtin"}
-    assert builtins == {"str": "string", "int": "int", "bool": "boolean", "null": "null",
+    assert builtins == {"str": "string", "int": "int", "number": "number", "bool": "boolean", "null": "null",
                         "any": "value"}
     cap = by_name[by_name["qmp_capabilities"]["arg-type"]]
     assert cap["members"] == [{"name": "enable", "type": cap["members"][0]["type"],

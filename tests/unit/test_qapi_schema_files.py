@@ -41,7 +41,8 @@ def test_default_directory_is_the_repo_schema():
 def test_command_definitions():
     s = Schema.load()
     order = s.command_names_registration_order()
-    assert order[0] == "query-block-jobs" and order[-1] == "transaction"
+    assert order[:3] == ["query-block", "query-blockstats", "query-block-jobs"]
+    assert order[-1] == "transaction"
     assert set(order) == set(s.commands)
     cancel = s.commands["block-job-cancel"]
     assert [m.name for m in cancel.arg_type.members] == ["device", "force"]

@@ -9,6 +9,7 @@ from qmpjobd.errors import QMPError
 # driver name -> "module:Class" (imported on first use, keeps start-up cheap).
 _IMPLEMENTED = {
     "null-co": "null:NullNode",
+    "null-aio": "null:NullAioNode",
     "file": "file:FileNode",
     "raw": "raw:RawNode",
     "blkdebug": "blkdebug:BlkdebugNode",

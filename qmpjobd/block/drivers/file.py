@@ -58,6 +58,10 @@ class FileNode(BlockNode):
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, write_fully, fd, offset, data)
 
+    async def _pdiscard(self, offset: int, length: int) -> None:
+        # Zeroes written, not a punched hole: the range reads back the same.
+        await self._pwritev(offset, bytes(min(length, max(0, self.size - offset))))
+
     async def _flush(self) -> None:
         fd = self._require_fd()
         if not self.read_only:

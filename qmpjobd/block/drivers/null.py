@@ -1,8 +1,9 @@
-"""``null-co``: a node of a given size that discards writes and reads nothing.
+"""``null-co`` and ``null-aio``: nodes of a given size that discard writes and read nothing.
 
 Options (QAPI BlockdevOptionsNull): ``size`` (default 1 GiB), ``read-zeroes``
 (block status reports zeroes), ``latency-ns`` (every request first waits that long
-on the daemon clock; without it requests complete without yielding).
+on the daemon clock; without it null-co requests complete without yielding, while
+null-aio requests, like QEMU's AIO emulation, complete from a bottom half).
 """
 
 from __future__ import annotations
@@ -42,11 +43,27 @@ class NullNode(BlockNode):
     async def _pwritev(self, offset: int, data: bytes) -> None:
         await self._wait()
 
+    async def _flush(self) -> None:
+        # QEMU's null drivers complete a flush like any request (latency, and a
+        # bottom half for null-aio); co_flush only gets here after a write.
+        await self._wait()
+
     def block_status(self, offset: int, length: int) -> tuple[str, int]:
         return ("zero" if self.read_zeroes else "unknown", length)
 
     def exact_filename(self) -> str | None:
-        return None if self.own_strong_options() else "null-co://"
+        return None if self.own_strong_options() else f"{self.driver}://"
 
     def actual_size(self) -> int | None:
         return 0
+
+
+class NullAioNode(NullNode):
+    driver = "null-aio"
+
+    async def _wait(self) -> None:
+        if self.latency_ns:
+            await self.graph.clock.sleep_ns(self.latency_ns)
+        else:
+            # QEMU completes the request from a one-shot bottom half.
+            await self.graph.jobs.bottom_half_turn()

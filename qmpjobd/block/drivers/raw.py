@@ -37,12 +37,12 @@ class RawNode(BlockNode):
                            f"the containing file ({child_size})")
         if self.has_size:
             size = self.options["size"]
-            if size % SECTOR:
-                raise QMPError("Specified size is not multiple of 512")
             if self.offset + size > child_size:
                 raise QMPError(f"The sum of offset ({self.offset}) and size ({size}) has "
                                "to be smaller or equal to the  actual size of the "
                                f"containing file ({child_size})")
+            if size % SECTOR:
+                raise QMPError("Specified size is not multiple of 512")
         else:
             size = child_size - self.offset
         self.window = size

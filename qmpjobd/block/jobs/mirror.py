@@ -296,8 +296,10 @@ class MirrorJob(BlockJob):
                 await self.park_until_woken(timeout_ns=0)
                 await self.pause_point()
             else:
-                # QEMU sleeps 0 ns here, and its timer fires before the command's
-                # reply goes out; passing the pause point keeps that order.
+                # QEMU sleeps 0 ns here. Its timer fires in the same main-loop pass,
+                # after the bottom halves, so the job goes on before the command's
+                # reply, but what it schedules then (a null-aio flush) comes after.
+                await self.manager.bottom_half_turn()
                 await self.pause_point()
             if self.is_cancelled:
                 return 0
@@ -354,39 +356,47 @@ class MirrorJob(BlockJob):
         offset, length = run
         end = offset + length
         accounted = 0
+        zeroes_cheap = self.target.can_write_zeroes_with_unmap()
         while offset < end:
             size = min(self.max_io_bytes, end - offset)
             while self._ops and (len(self._ops) >= MAX_IN_FLIGHT
                                  or self._bytes_in_flight + size > self.buf_size):
                 await self._wait_for_any_op()
             kind, status_bytes = self.source.block_status(offset, size)
-            if kind == "zero" and status_bytes < size:
-                # Zero only whole chunks that are zero; a shorter zero extent is
-                # part of a chunk holding data, which must be copied.
+            if kind != "data" and status_bytes < size:
+                # Zero or discard only whole chunks; a shorter extent is part of a
+                # chunk holding data, which must be copied.
                 whole = status_bytes - status_bytes % self.granularity
                 if whole:
                     size = whole
                 else:
                     kind = "data"
-            if kind != "zero":
+            # QEMU's mirror methods: copy data, write zeroes where the source reads
+            # as zeroes, discard where it is neither (null-co without read-zeroes).
+            method = {"zero": "zero", "unknown": "discard"}.get(kind, "copy")
+            # The rate limit counts zeroing and discarding too, unless the target
+            # can do them without writing data (QEMU's write_zeroes_ok).
+            if method == "copy" or not zeroes_cheap:
                 accounted += size
             self.dirty.set(offset, size, dirty=False)
-            self._start_op(offset, size, zero=(kind == "zero"))
+            self._start_op(offset, size, method)
             offset += size
         return self.ratelimit_delay_ns(accounted)
 
-    def _start_op(self, offset: int, length: int, zero: bool) -> None:
+    def _start_op(self, offset: int, length: int, method: str) -> None:
         self._bytes_in_flight += length
-        runner = CoroutineRunner(self._op(offset, length, zero), on_done=self._op_done,
+        runner = CoroutineRunner(self._op(offset, length, method), on_done=self._op_done,
                                  name=f"mirror {self.id} op {offset}")
         self._ops.add(runner)
         runner.enter()
 
-    async def _op(self, offset: int, length: int, zero: bool) -> None:
+    async def _op(self, offset: int, length: int, method: str) -> None:
         failure: tuple[bool, int] | None = None
         try:
-            if zero:
+            if method == "zero":
                 await self._write_zeroes(offset, length)
+            elif method == "discard":
+                await self.target.co_pdiscard(offset, length)
             else:
                 await copy_range(self.source, offset, self.target, offset, length)
         except OSError as exc:
@@ -406,6 +416,9 @@ class MirrorJob(BlockJob):
     async def _write_zeroes(self, offset: int, length: int) -> None:
         kind, count = self.target.block_status(offset, length)
         if kind == "zero" and count >= length:
+            # Nothing to change, but QEMU still sends the request down the chain.
+            self.target.chain_write_started(offset, length)
+            self.target.chain_write_finished(offset, length)
             return
         await self.target.co_pwrite(offset, bytes(length))
 
