@@ -225,27 +225,35 @@ class BlockNode:
         """QEMU's write-request finish step; it runs whether the write failed or not."""
         self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
 
-    def chain_write_started(self, offset: int, length: int) -> None:
-        """A write that passes this node and every data child below it without going
-        through their co_pwrite (copy offload, a zero write skipped as redundant)."""
+    def data_chain(self, offset: int = 0) -> Iterator[tuple["BlockNode", int]]:
+        """This node and every data child below it, each with where ``offset`` lies
+        in it (a raw ``offset`` shifts it)."""
         node: BlockNode | None = self
         while node is not None:
-            node.write_request_started(offset, length)
+            yield node, offset
             offset += node.child_offset()
             node = node.file_child
 
+    def chain_write_started(self, offset: int, length: int) -> None:
+        """A write that passes this node and every data child below it without going
+        through their co_pwrite (copy offload, a zero write skipped as redundant)."""
+        for node, at in self.data_chain(offset):
+            node.write_request_started(at, length)
+
     def chain_write_finished(self, offset: int, length: int) -> None:
-        node: BlockNode | None = self
-        while node is not None:
-            node.write_request_finished(offset, length)
-            offset += node.child_offset()
-            node = node.file_child
+        for node, at in self.data_chain(offset):
+            node.write_request_finished(at, length)
+
+    @property
+    def discard_unmap(self) -> bool:
+        """Opened with discard=unmap (QEMU's BDRV_O_UNMAP): discards reach the driver."""
+        return self.options.get("discard") in ("unmap", "on")
 
     async def co_pdiscard(self, offset: int, length: int) -> None:
         """Discard a range: nothing happens (and nothing yields) unless the node was
         opened with discard=unmap, as in QEMU. The range then reads as zeroes."""
         self._check_request(offset, length)
-        if self.options.get("discard") not in ("unmap", "on") or not length:
+        if not self.discard_unmap or not length:
             return
         if self.read_only:
             raise io_error(errno.EPERM)
@@ -301,7 +309,7 @@ class BlockNode:
     def can_write_zeroes_with_unmap(self) -> bool:
         """QEMU's bdrv_can_write_zeroes_with_unmap: discard=unmap and a driver that
         can punch holes (file, and formats/filters passing it to such a child)."""
-        if self.options.get("discard") not in ("unmap", "on"):
+        if not self.discard_unmap:
             return False
         child = self.file_child
         return child is not None and child.supports_unmap()

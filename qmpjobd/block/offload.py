@@ -29,12 +29,8 @@ def offload_possible(source: BlockNode, target: BlockNode) -> bool:
             and not _read_only_chain(target))
 
 
-def _read_only_chain(node: BlockNode | None) -> bool:
-    while node is not None:
-        if node.read_only:
-            return True
-        node = node.file_child
-    return False
+def _read_only_chain(node: BlockNode) -> bool:
+    return any(each.read_only for each, _ in node.data_chain())
 
 
 async def copy_range(source: BlockNode, src_offset: int, target: BlockNode,

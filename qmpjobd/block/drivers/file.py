@@ -86,7 +86,7 @@ class FileNode(BlockNode):
         return True
 
     def can_write_zeroes_with_unmap(self) -> bool:
-        return self.options.get("discard") in ("unmap", "on")
+        return self.discard_unmap
 
     def host_file(self) -> tuple[int, int] | None:
         return (self._require_fd(), 0)
