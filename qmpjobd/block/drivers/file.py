@@ -8,6 +8,14 @@ All I/O runs in the event loop's default thread pool (``run_in_executor``), so t
 loop never blocks on the disk; each request yields the pool's future to the job
 engine. Like QEMU, the node's length is the host length rounded up to 512 bytes:
 reads past the host end return zeroes, and a write to that tail extends the file.
+
+Only regular files (or symlinks to them) are taken, as QEMU's ``file`` driver does; a
+directory, FIFO, socket, character or block device is refused with QEMU's texts. QEMU
+opens first and looks afterwards, so a read-only FIFO blocks it until a writer comes;
+here FIFOs and devices are recognised by ``stat`` before any open, the open itself
+uses ``O_NONBLOCK``, and ``fstat`` on the descriptor settles what was really opened
+(the name may have changed in between). Every failure closes what it opened. Under
+``--allow-dir`` the open goes through the graph's ``PathPolicy`` (qmpjobd.confine).
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 
 from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
 
 SECTOR = 512
@@ -25,17 +35,16 @@ SECTOR = 512
 class FileNode(BlockNode):
     driver = "file"
     strong_options = ("filename",)
+    # Without O_DIRECT (cache.direct=on is refused) any buffer address will do.
+    leaf_min_mem_alignment = 1
 
     def open(self) -> None:
         if "pr-manager" in self.options:
             raise QMPError("Option 'pr-manager' is not supported by qmpjobd")
         self.path: str = self.options["filename"]
-        flags = os.O_RDONLY if self.read_only else os.O_RDWR
-        try:
-            self.fd: int | None = os.open(self.path, flags | os.O_CLOEXEC)
-        except OSError as exc:
-            raise QMPError(f"Could not open '{self.path}': {os.strerror(exc.errno)}") from None
-        host_length = os.lseek(self.fd, 0, os.SEEK_END)
+        self.fd: int | None = None
+        self.fd, host_length = open_regular_file(self.graph.path_policy, self.path,
+                                                 self.read_only)
         self.size = -(-host_length // SECTOR) * SECTOR
 
     def close(self) -> None:
@@ -102,6 +111,59 @@ class FileNode(BlockNode):
 
     def has_dirty_flag(self) -> bool:
         return True
+
+
+def open_regular_file(policy: PathPolicy, path: str, read_only: bool) -> tuple[int, int]:
+    """Open ``path`` as the ``file`` driver's image; returns (fd, host length).
+
+    Raises QMPError with QEMU's texts; no descriptor survives a failure.
+    """
+    # Confinement first: what lies outside is not even looked at (no stat that
+    # would tell a client which kind of file sits there).
+    policy.check_open(path)
+    refuse_special_file(path, read_only)
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = policy.open(path, flags)
+    except OSError as exc:
+        raise QMPError(f"Could not open '{path}': {os.strerror(exc.errno)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular_error(path)
+        # O_NONBLOCK only guarded the open; regular files ignore it, but clear it so
+        # the descriptor is what QEMU would hold.
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def not_regular_error(path: str) -> QMPError:
+    return QMPError(f"'file' driver requires '{path}' to be a regular file")
+
+
+# Kinds QEMU opens successfully and only then refuses: refused here without opening,
+# so that a FIFO never blocks and a device never sees an open.
+_REFUSED_WITHOUT_OPEN = (stat.S_ISFIFO, stat.S_ISCHR, stat.S_ISBLK)
+
+
+def refuse_special_file(path: str, read_only: bool) -> None:
+    """Refuse a FIFO or device before opening it, with the error QEMU's open-then-
+    fstat gives: the permission error when its open would fail, else the regular-file
+    message. Anything else (missing, directory, socket) is left to the open, whose
+    error is QEMU's."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if not any(kind(mode) for kind in _REFUSED_WITHOUT_OPEN):
+        return
+    wanted = os.R_OK if read_only else os.R_OK | os.W_OK
+    if not os.access(path, wanted, effective_ids=os.access in os.supports_effective_ids):
+        raise QMPError(f"Could not open '{path}': {os.strerror(errno.EACCES)}")
+    raise not_regular_error(path)
 
 
 def read_fully(fd: int, offset: int, length: int) -> bytes:
