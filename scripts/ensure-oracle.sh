@@ -1,18 +1,43 @@
 #!/usr/bin/env bash
-# Make sure qemu-storage-daemon (the oracle of the conformance tests) and qemu-img
-# are installed. As root we install the Debian packages; otherwise we say what to
-# install and fail: conformance tests never skip for a missing oracle.
+# Make every oracle of the tests runnable: qemu-storage-daemon and qemu-img of
+# QEMU 7.2, 10.0 and 11.1, plus the NBD client tools the tests use.
+#
+# As root: installs the missing host packages with apt-get, then builds a minimal
+# Debian root for each version the host's own package is not (see
+# scripts/oracle_roots.py; cache: $QMPJOBD_ORACLE_CACHE, default
+# /var/cache/qmpjobd/oracles). Not as root: says what is missing and fails.
+# A complete cache makes this a no-op in well under a second.
+#
+#   scripts/ensure-oracle.sh            install/build what is missing
+#   scripts/ensure-oracle.sh --refresh  rebuild every root (new stable releases)
 set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+host_packages=(qemu-system-common qemu-utils debootstrap libnbd-bin python3-libnbd)
+
+installed() {
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
+}
+
 need=()
-command -v qemu-storage-daemon >/dev/null 2>&1 || need+=(qemu-system-common)
-command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
-[ ${#need[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing ${need[*]} (the conformance oracle)"
+if command -v dpkg-query >/dev/null 2>&1; then
+  for package in "${host_packages[@]}"; do
+    installed "$package" || need+=("$package")
+  done
+else
+  echo "ensure-oracle: the oracles are Debian packages; this host has no dpkg" >&2
+  exit 1
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "ensure-oracle: qmpjobd's tests need these Debian packages: ${need[*]}" \
+         "(run \`make oracle\` as root, or install them)" >&2
+    exit 1
+  fi
+  echo "ensure-oracle: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q "${need[@]}" >/dev/null
-  exit 0
 fi
-echo "qmpjobd tests need qemu-storage-daemon and qemu-img: install the Debian packages: ${need[*]}" >&2
-exit 1
+
+exec python3 "$here/oracle_roots.py" ensure "$@"

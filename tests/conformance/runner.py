@@ -22,6 +22,12 @@ The transcript lists what was sent and every message received, in order. Before
 comparing, the volatile parts are normalised: event timestamps, the version
 numbers and ``package`` that identify the daemon, and the ``mask`` keys (progress of
 running jobs, ``busy``): the documented short list in tests/conformance/README.md.
+
+``Player(scenario, kind, version=V)`` plays against qemu-storage-daemon of QEMU V,
+or qmpjobd started with ``--qemu-version V``. Both sides of a comparison are the
+same V, so ``major`` and ``minor`` stay in the transcript (they must match) and
+only ``micro`` and ``package`` are normalised. ``mask_series=True`` masks
+``major`` and ``minor`` too, for comparing one version's transcript with another's.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from tests.support.daemons import DaemonProcess, RawClient
 
 TIMESTAMP = re.compile(rb'"seconds": \d+, "microseconds": \d+|"seconds": \d+,(\r\n *)"microseconds": \d+')
 MICRO = re.compile(rb'"micro": \d+')
+SERIES = re.compile(rb'"(major|minor)": \d+')
 PACKAGE = re.compile(rb'"package": "[^"]*"')
 EVENT_START = re.compile(rb'^\{\s*"timestamp"')
 
@@ -79,11 +86,17 @@ class Scenario:
 
 
 class Player:
-    """Runs one scenario against one daemon and returns the normalised transcript."""
+    """Runs one scenario against one daemon and returns the normalised transcript.
 
-    def __init__(self, scenario: Scenario, kind: str) -> None:
+    ``version`` None means qemu-storage-daemon 7.2, or qmpjobd's own default.
+    """
+
+    def __init__(self, scenario: Scenario, kind: str, version: str | None = None,
+                 mask_series: bool = False) -> None:
         self.scenario = scenario
         self.kind = kind
+        self.version = version
+        self.mask_series = mask_series
         self.transcript: list[str] = []
         self.masks: list[re.Pattern[bytes]] = []
         self.events: list[dict] = []  # every event received, for ``wait``
@@ -92,7 +105,8 @@ class Player:
 
     def play(self) -> list[str]:
         s = self.scenario
-        daemon = DaemonProcess(self.kind, s.args, monitors=s.monitors, pretty=s.pretty)
+        daemon = DaemonProcess(self.kind, s.args, monitors=s.monitors, pretty=s.pretty,
+                               version=self.version)
         for name, size, pattern in s.images:
             write_image(daemon.tmp / name, size, pattern)
         self.workdir = daemon.tmp
@@ -170,7 +184,7 @@ class Player:
                     return
             self.wait_cursor = len(self.events)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.kind}: no {arg} within 30 s")
+                raise TimeoutError(f"{self.kind} {self.version or ''}: no {arg} within 30 s")
             self.record(index, client.recv_message(timeout=30))
 
     def sent(self, index: int, data: bytes) -> None:
@@ -181,6 +195,8 @@ class Player:
             self.events.append(json.loads(message))
         message = TIMESTAMP.sub(b'"seconds": S, "microseconds": U', message)
         message = MICRO.sub(b'"micro": M', message)
+        if self.mask_series:
+            message = SERIES.sub(rb'"\1": V', message)
         message = PACKAGE.sub(b'"package": P', message)
         # Socket paths (query-chardev) lie in each daemon's own temporary directory.
         message = message.replace(str(self.workdir).encode(), b"DIR")

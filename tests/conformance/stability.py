@@ -9,7 +9,8 @@ before CI does:
         tests/conformance/scenarios/*.qmp
 
 ``--load N`` keeps N busy-looping processes running while the scenarios play.
-``--kind qmpjobd`` checks qmpjobd's own stability the same way.
+``--kind qmpjobd`` checks qmpjobd's own stability the same way; ``--qemu-version V``
+plays qemu-storage-daemon of QEMU V (default 7.2), or qmpjobd with that option.
 
 Load alone rarely moves QEMU's thread pool; ``--io-races`` finds those spots
 directly: it plays each scenario on qmpjobd once normally and once with file I/O
@@ -28,6 +29,7 @@ import sys
 from pathlib import Path
 
 from tests.conformance.runner import Player, Scenario
+from tests.support.oracles import SUPPORTED_VERSIONS
 
 
 def _spin() -> None:
@@ -35,11 +37,12 @@ def _spin() -> None:
         pass
 
 
-def distinct_transcripts(path: Path, kind: str, runs: int) -> list[list[str]]:
+def distinct_transcripts(path: Path, kind: str, runs: int,
+                         version: str | None = None) -> list[list[str]]:
     scenario = Scenario.load(path)
     seen: list[list[str]] = []
     for _ in range(runs):
-        transcript = Player(scenario, kind).play()
+        transcript = Player(scenario, kind, version).play()
         if transcript not in seen:
             seen.append(transcript)
     return seen
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenarios", nargs="+", type=Path)
     parser.add_argument("--kind", choices=("qsd", "qmpjobd"), default="qsd")
+    parser.add_argument("--qemu-version", choices=SUPPORTED_VERSIONS, default=None)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--load", type=int, default=0, help="busy processes while playing")
     parser.add_argument("--io-races", action="store_true",
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 variants = io_race_variants(path)
                 runs = "normal and instant file I/O"
             else:
-                variants = distinct_transcripts(path, args.kind, args.runs)
+                variants = distinct_transcripts(path, args.kind, args.runs, args.qemu_version)
                 runs = f"{args.runs} runs"
             print(f"{'stable' if len(variants) == 1 else 'UNSTABLE'} {path.name}"
                   f" ({len(variants)} variant(s) in {runs})", flush=True)

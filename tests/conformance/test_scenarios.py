@@ -1,5 +1,7 @@
 """Every scenario in scenarios/ must give byte-identical transcripts on
-qemu-storage-daemon 7.2 and on qmpjobd, played in the same test run."""
+qemu-storage-daemon of each QEMU version in CONFORMANCE_VERSIONS and on qmpjobd
+as that version, played in the same test run. Each real daemon is its own
+expectation: there are no per-version expected transcripts."""
 
 from __future__ import annotations
 
@@ -8,18 +10,22 @@ import difflib
 import pytest
 
 from tests.conformance.runner import Player, Scenario, scenario_paths
+from tests.support.oracles import CONFORMANCE_SELECTS_QMPJOBD_VERSION, CONFORMANCE_VERSIONS
 
 
 @pytest.mark.parametrize("path", scenario_paths(), ids=lambda p: p.stem)
-def test_scenario_matches_qemu(path):
+@pytest.mark.parametrize("version", CONFORMANCE_VERSIONS)
+def test_scenario_matches_qemu(version, path):
     scenario = Scenario.load(path)
-    expected = Player(scenario, "qsd").play()
-    player = Player(scenario, "qmpjobd")
+    expected = Player(scenario, "qsd", version).play()
+    player = Player(scenario, "qmpjobd", version if CONFORMANCE_SELECTS_QMPJOBD_VERSION else None)
     try:
         actual = player.play()
     except Exception as exc:
-        pytest.fail(f"{path.name}: {exc!r}\nqmpjobd stderr:\n{player.stderr}\ntranscript so far:\n"
-                    + "\n".join(player.transcript[-10:]))
+        pytest.fail(f"{path.name} ({version}): {exc!r}\nqmpjobd stderr:\n{player.stderr}\n"
+                    "transcript so far:\n" + "\n".join(player.transcript[-10:]))
     if expected != actual:
-        diff = "\n".join(difflib.unified_diff(expected, actual, "qemu-storage-daemon", "qmpjobd", lineterm=""))
-        pytest.fail(f"transcripts differ for {path.name}:\n{diff}\nqmpjobd stderr:\n{player.stderr}")
+        diff = "\n".join(difflib.unified_diff(expected, actual, f"qemu-storage-daemon {version}",
+                                              "qmpjobd", lineterm=""))
+        pytest.fail(f"transcripts differ for {path.name} ({version}):\n{diff}\n"
+                    f"qmpjobd stderr:\n{player.stderr}")

@@ -2,6 +2,8 @@
 
 Both take the same command line (qmpjobd accepts qemu-storage-daemon's --chardev,
 --monitor and --blockdev), which is what lets one scenario run against both.
+``version`` picks the QEMU version: the real daemon of that version for "qsd"
+(default 7.2), and ``--qemu-version`` for qmpjobd when it is given explicitly.
 """
 
 from __future__ import annotations
@@ -16,19 +18,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.oracles import DEFAULT_VERSION, oracle_command
+
 REPO = Path(__file__).resolve().parents[2]
-QSD = "qemu-storage-daemon"
 
 
 def oracle_path() -> str:
-    """The oracle binary; its absence is a test failure, never a skip."""
-    path = shutil.which(QSD)
-    if path is None:
-        raise RuntimeError(
-            "qemu-storage-daemon is not installed (Debian package qemu-system-common); "
-            "`make test` installs it when run as root"
-        )
-    return path
+    """The 7.2 oracle's binary, for callers that need a single path; its absence
+    is a test failure, never a skip. Other versions: tests.support.oracles."""
+    command = oracle_command(DEFAULT_VERSION)
+    if len(command) != 1:
+        raise RuntimeError(f"the {DEFAULT_VERSION} oracle runs through a loader "
+                           f"({' '.join(command)}); use tests.support.oracles.oracle_command")
+    return command[0]
 
 
 def is_listening(path: str) -> bool:
@@ -58,6 +60,8 @@ class DaemonProcess:
     monitors: int = 1
     pretty: set[int] = field(default_factory=set)
     workdir: Path | None = None
+    # None: qsd 7.2, and qmpjobd without --qemu-version (its own default).
+    version: str | None = None
 
     def __post_init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.kind}-"))
@@ -65,7 +69,12 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def argv(self) -> list[str]:
-        base = qmpjobd_command() if self.kind == "qmpjobd" else [oracle_path()]
+        if self.kind == "qmpjobd":
+            base = qmpjobd_command()
+            if self.version is not None:
+                base += ["--qemu-version", self.version]
+        else:
+            base = oracle_command(self.version or DEFAULT_VERSION)
         args = list(self.extra_args)
         for i, path in enumerate(self.sockets):
             args += ["--chardev", f"socket,id=c{i},path={path},server=on,wait=off"]
