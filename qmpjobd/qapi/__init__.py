@@ -3,13 +3,20 @@
 ``schema/*.json`` (QEMU's QAPI dialect) is the single source of truth.  The
 schema directory is looked up next to the source tree (``<repo>/schema``) and,
 for an installed package, in ``qmpjobd/schema`` (see ``default_schema_dir``).
+
+The files carry QEMU-style ``'if'`` conditions; ``Schema.load(version=...)``
+evaluates them with the condition symbols of that QEMU personality
+(``qmpjobd.versions``), so one loaded Schema is one version's view: its
+commands, their order, validation, introspection and JSON Schema.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from ..errors import QMPError
+from ..versions import ALL_SCHEMA_SYMBOLS, Personality, personality
 from .introspect import introspect
 from .jsonschema import derive
 from .keyval import keyval_parse
@@ -20,6 +27,11 @@ from .validate import Compiler
 __all__ = ["Schema", "CommandDef", "EventDef", "QMPError", "default_schema_dir"]
 
 TOP_FILE = "qapi-schema.json"
+
+# The version Schema.load() gives when no version is named.  Existing callers
+# rely on 7.2; switch this to versions.DEFAULT_VERSION once the daemon passes
+# its personality explicitly.
+SCHEMA_DEFAULT_VERSION = "7.2"
 
 
 def default_schema_dir() -> Path:
@@ -35,8 +47,9 @@ def default_schema_dir() -> Path:
 class Schema:
     """A loaded schema with per-command validators compiled up front."""
 
-    def __init__(self, model: TypeModel) -> None:
+    def __init__(self, model: TypeModel, version: Personality | None = None) -> None:
         self.model = model
+        self.personality = version if version is not None else personality(SCHEMA_DEFAULT_VERSION)
         self.commands: dict[str, CommandDef] = model.commands
         self.events: dict[str, EventDef] = model.events
         self._compiler = Compiler(model)
@@ -44,13 +57,27 @@ class Schema:
         empty = model.types["q_empty"]
         self._validators = {name: self._compiler.visitor(cmd.arg_type or empty)
                             for name, cmd in model.commands.items()}
-        self._introspection: list[dict] | None = None
+        self._introspection: dict[frozenset[str] | None, list[dict]] = {}
         self._json_schema: dict | None = None
 
     @classmethod
-    def load(cls, directory: Path | None = None) -> "Schema":
+    def load(cls, directory: Path | None = None,
+             version: str | Personality | None = None) -> "Schema":
+        """Read the schema files and build the view of QEMU *version*
+        (``"7.2"``, ``"10.0"``, ``"11.1"`` or a Personality; default
+        SCHEMA_DEFAULT_VERSION).  An unknown version raises
+        ``versions.UnknownVersion``."""
         directory = Path(directory) if directory is not None else default_schema_dir()
-        return cls(TypeModel(parse_file(directory / TOP_FILE)))
+        who = personality(SCHEMA_DEFAULT_VERSION if version is None else version)
+        symbols = who.schema_conditions
+        exprs = parse_file(directory / TOP_FILE, symbols=symbols,
+                           known_symbols=ALL_SCHEMA_SYMBOLS)
+        return cls(TypeModel(exprs, symbols, known_symbols=ALL_SCHEMA_SYMBOLS), who)
+
+    @property
+    def version(self) -> str:
+        """The QEMU version this view is of (``"10.0"``)."""
+        return self.personality.version
 
     def command_names_registration_order(self) -> list[str]:
         """Definition order, which is QEMU's registration order; query-commands
@@ -85,12 +112,16 @@ class Schema:
         tree = keyval_parse(text, implied)
         return self._kv_compiler.visitor(t)(tree, None, None)  # type: ignore[return-value]
 
-    def introspect(self) -> list[dict]:
-        """The query-qmp-schema return value (built once; callers must not
-        modify it)."""
-        if self._introspection is None:
-            self._introspection = introspect(self.model)
-        return self._introspection
+    def introspect(self, commands: Collection[str] | None = None) -> list[dict]:
+        """The query-qmp-schema return value (built once per *commands*;
+        callers must not modify it).  With *commands*, only those commands
+        are described (pass the implemented ones, so that a command defined
+        for a version but not yet handled is not advertised); events and
+        types follow from what is described."""
+        key = None if commands is None else frozenset(commands)
+        if key not in self._introspection:
+            self._introspection[key] = introspect(self.model, commands=key)
+        return self._introspection[key]
 
     def json_schema(self) -> dict:
         """The derived JSON Schema document (built once)."""

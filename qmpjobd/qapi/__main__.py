@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import Schema
+from ..versions import KNOWN_VERSIONS
+from . import SCHEMA_DEFAULT_VERSION, Schema
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,12 +15,15 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Tools for the qmpjobd QAPI schema.")
     ap.add_argument("--schema-dir", type=Path, default=None,
                     help="directory holding qapi-schema.json (default: the bundled one)")
+    ap.add_argument("--qemu-version", choices=KNOWN_VERSIONS, default=SCHEMA_DEFAULT_VERSION,
+                    help="the QEMU version whose view of the schema to write "
+                         f"(default {SCHEMA_DEFAULT_VERSION})")
     ap.add_argument("--json-schema", metavar="FILE",
                     help="write the JSON Schema of all command arguments ('-' = stdout)")
     ap.add_argument("--introspect", metavar="FILE",
                     help="write the query-qmp-schema value ('-' = stdout)")
     args = ap.parse_args(argv)
-    schema = Schema.load(args.schema_dir)
+    schema = Schema.load(args.schema_dir, version=args.qemu_version)
     for target, value in ((args.json_schema, schema.json_schema),
                           (args.introspect, schema.introspect)):
         if target is None:

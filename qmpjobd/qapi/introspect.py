@@ -1,4 +1,4 @@
-"""query-qmp-schema: the SchemaInfo list QEMU 7.2's introspect.py would build.
+"""query-qmp-schema: the SchemaInfo list QEMU's introspect.py would build.
 
 Commands and events come first, in definition order; then every type they
 use, in order of first use (the work list grows while it is walked).  Type
@@ -7,13 +7,16 @@ use; every integer type shows as ``int`` and arrays as ``[element]``.
 """
 from __future__ import annotations
 
+from collections.abc import Set
+
 from .model import (EMPTY_OBJECT, AlternateType, ArrayType, BuiltinType, CommandDef,
                     EnumType, EventDef, Member, ObjectType, QType, TypeModel)
 
 
 class _Introspector:
-    def __init__(self, model: TypeModel, unmask: bool) -> None:
-        self.model, self.unmask = model, unmask
+    def __init__(self, model: TypeModel, unmask: bool,
+                 commands: Set[str] | None) -> None:
+        self.model, self.unmask, self.commands = model, unmask, commands
         self.used: list[QType] = []
         self.names: dict[str, str] = {}
         self.out: list[dict] = []
@@ -21,7 +24,8 @@ class _Introspector:
     def run(self) -> list[dict]:
         for ent in self.model.entities:
             if isinstance(ent, CommandDef):
-                self._command(ent)
+                if self.commands is None or ent.name in self.commands:
+                    self._command(ent)
             else:
                 self._event(ent)
         i = 0
@@ -104,6 +108,8 @@ class _Introspector:
                        t.features)
 
 
-def introspect(model: TypeModel, unmask: bool = False) -> list[dict]:
-    """Build the query-qmp-schema return value (masked unless *unmask*)."""
-    return _Introspector(model, unmask).run()
+def introspect(model: TypeModel, unmask: bool = False,
+               commands: Set[str] | None = None) -> list[dict]:
+    """Build the query-qmp-schema return value (masked unless *unmask*),
+    describing only *commands* when given (every event regardless)."""
+    return _Introspector(model, unmask, commands).run()

@@ -4,11 +4,16 @@ Mirrors the parts of QEMU's scripts/qapi/schema.py that matter at run time:
 implicit types for inline argument/base dictionaries, bases flattened into
 members, flat-union variants (with an implicit empty branch for every
 discriminator value no branch names), alternates, arrays and the built-ins.
+
+``'if'`` conditions are evaluated first (``conditions.select``) with the
+symbols of one QEMU version, so a model is always one version's view.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Set
+from dataclasses import dataclass, field, replace
 
+from .conditions import ConditionError, check_condition, conditions_in, select
 from .parser import Expression
 
 # Built-in types: name -> JSON type as introspection reports it.
@@ -157,10 +162,31 @@ def _features(raw: object) -> list[str]:
     return out
 
 
-class TypeModel:
-    """Resolves parsed expressions into types, commands and events."""
+def select_view(exprs: list[Expression], symbols: Set[str],
+                known_symbols: Set[str] | None = None) -> list[Expression]:
+    """The expressions that exist with *symbols* defined, stripped of their
+    'if' conditions (which are checked first; with *known_symbols*, a symbol
+    outside that set is an error rather than silently false)."""
+    out = []
+    for e in exprs:
+        try:
+            for cond in conditions_in(e.expr):
+                check_condition(cond, known_symbols)
+        except ConditionError as exc:
+            raise SchemaError(f"{e.path}:{e.line}: {exc}") from None
+        view = select(e.expr, symbols)
+        if view is not None:
+            out.append(replace(e, expr=view))
+    return out
 
-    def __init__(self, exprs: list[Expression]) -> None:
+
+class TypeModel:
+    """Resolves parsed expressions into types, commands and events, for the
+    QEMU version whose condition symbols are *symbols*."""
+
+    def __init__(self, exprs: list[Expression], symbols: Set[str] = frozenset(),
+                 known_symbols: Set[str] | None = None) -> None:
+        exprs = select_view(exprs, symbols, known_symbols)
         self.types: dict[str, QType] = {}
         self.commands: dict[str, CommandDef] = {}
         self.events: dict[str, EventDef] = {}
@@ -271,6 +297,11 @@ class TypeModel:
         if tag is None or not isinstance(tag.type, EnumType) or tag.optional:
             raise SchemaError(f"{e.path}:{e.line}: bad discriminator {t.tag!r}")
         explicit = [(case, self._ref(v, e)) for case, v in x["data"].items()]
+        unknown = [case for case, _ in explicit if case not in tag.type.values]  # type: ignore[attr-defined]
+        if unknown:
+            # e.g. a branch left in for an enum value that a condition removed
+            raise SchemaError(f"{e.path}:{e.line}: {t.name} has branches for values "
+                              f"its discriminator lacks: {', '.join(unknown)}")
         covered = {case for case, _ in explicit}
         empty = self.types[EMPTY_OBJECT]
         # like QEMU, values without a branch get an implicit empty one, last
@@ -287,7 +318,9 @@ class TypeModel:
         if data is None:
             return None
         if isinstance(data, dict):
-            return self._implicit(f"q_obj_{name}-arg", data, e)
+            # As in QEMU, no members means no argument type at all: a command
+            # whose only member a condition removed looks like one without.
+            return self._implicit(f"q_obj_{name}-arg", data, e) if data else None
         t = self._ref(data, e)
         if not isinstance(t, ObjectType):
             raise SchemaError(f"{e.path}:{e.line}: 'data' of {name} must be an object type")

@@ -4,13 +4,18 @@ The dialect is JSON with Python flavour: strings in single quotes, ``#``
 comments to the end of the line, ``true``/``false`` and no numbers.  A file is
 a sequence of top-level objects ("expressions"); ``{ 'include': 'x.json' }``
 pulls in another file (relative to the including one) at that point, once.
+An include may carry an ``'if'`` condition (see ``conditions.py``), which is
+evaluated here with the symbols the caller defines.
 Doc comments (``##`` blocks) are ordinary comments here: qmpjobd does not
 generate documentation from them.
 """
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
+
+from .conditions import ConditionError, check_condition, holds
 
 
 class QAPIParseError(Exception):
@@ -138,8 +143,12 @@ def _array(lex: _Lexer) -> list:
         tok = lex.next()
 
 
-def parse_file(path: Path, seen: set[Path] | None = None) -> list[Expression]:
-    """Parse *path* and, recursively, the files it includes (each only once)."""
+def parse_file(path: Path, seen: set[Path] | None = None,
+               symbols: Set[str] = frozenset(),
+               known_symbols: Set[str] | None = None) -> list[Expression]:
+    """Parse *path* and, recursively, the files it includes (each only once,
+    and only when the include's condition holds with *symbols* defined).
+    Conditions inside definitions are kept; the type model evaluates them."""
     path = path.resolve()
     seen = set() if seen is None else seen
     seen.add(path)
@@ -154,10 +163,24 @@ def parse_file(path: Path, seen: set[Path] | None = None) -> list[Expression]:
         line = lex.line
         expr = _object(lex)
         if "include" in expr:
+            if not _include_wanted(expr, path, line, symbols, known_symbols):
+                continue
             target = (path.parent / expr["include"]).resolve()
             if not target.is_file():
                 raise QAPIParseError(path, line, f"can't include {expr['include']!r}")
             if target not in seen:
-                exprs.extend(parse_file(target, seen))
+                exprs.extend(parse_file(target, seen, symbols, known_symbols))
         elif "pragma" not in expr:
             exprs.append(Expression(expr, path, line))
+
+
+def _include_wanted(expr: dict, path: Path, line: int, symbols: Set[str],
+                    known_symbols: Set[str] | None) -> bool:
+    cond = expr.get("if")
+    if cond is None:
+        return True
+    try:
+        check_condition(cond, known_symbols)
+    except ConditionError as exc:
+        raise QAPIParseError(path, line, str(exc)) from None
+    return holds(cond, symbols)

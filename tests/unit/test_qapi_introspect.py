@@ -1,18 +1,26 @@
-"""query-qmp-schema: shape and masking as QEMU 7.2 builds them.
+"""query-qmp-schema and query-commands of each QEMU personality, against the
+captures of the real qemu-storage-daemon of that version.
 
-The captured qsd 7.2 introspection (shared/reference) is the reference: for
-every command and event we share with qsd, the structure reachable from it,
-with the masked names resolved on both sides, must be identical.
+The captures (tests/data/qsd-V-schema.json and qsd-V-commands.json, the
+return values of the real daemons, in wire order) are the reference.  For
+every command and event a version's schema defines, the structure reachable
+from it, with the masked names resolved on both sides, must be identical; the
+schema must define no command or event the real daemon lacks; and both lists
+must come in the real daemon's order.
 """
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from qmpjobd.commands import load_all
 from qmpjobd.qapi import Schema
+from qmpjobd.qapi.introspect import introspect
+from qmpjobd.versions import KNOWN_VERSIONS
 
-# query-qmp-schema of qemu-storage-daemon 7.2, captured from the daemon (interface data).
-QSD = Path(__file__).resolve().parents[1] / "data/qsd-7.2-schema.json"
+DATA = Path(__file__).resolve().parents[1] / "data"
+# The commands README.md lists as implemented (every version has them).
 REQUIRED = [
     "qmp_capabilities", "query-version", "query-commands", "query-qmp-schema", "quit",
     "job-pause", "job-resume", "job-cancel", "job-complete", "job-finalize", "job-dismiss",
@@ -26,11 +34,35 @@ REQUIRED = [
 EVENTS = ["JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
           "BLOCK_JOB_ERROR", "BLOCK_JOB_READY", "BLOCK_JOB_PENDING",
           "BLOCK_WRITE_THRESHOLD"]
+_SCHEMAS: dict[str, Schema] = {}
+
+
+def schema_of(version: str) -> Schema:
+    if version not in _SCHEMAS:
+        _SCHEMAS[version] = Schema.load(version=version)
+    return _SCHEMAS[version]
+
+
+def capture(version: str, what: str) -> list[dict]:
+    return json.loads((DATA / f"qsd-{version}-{what}.json").read_text())
+
+
+def _entities(version: str) -> list[tuple[str, str]]:
+    return [(version, e.name) for e in schema_of(version).model.entities]
+
+
+def _names(entries: list[dict], meta: str) -> list[str]:
+    return [e["name"] for e in entries if e["meta-type"] == meta]
+
+
+@pytest.fixture(scope="module", params=KNOWN_VERSIONS)
+def version(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def schema() -> Schema:
-    return Schema.load()
+def schema(version) -> Schema:
+    return schema_of(version)
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +104,60 @@ def unmask(entries: list[dict], root: str) -> object:
     return walk(root, ())
 
 
-def test_exactly_the_implemented_commands_and_events(ours):
-    assert [e["name"] for e in ours if e["meta-type"] == "command"] == [
-        n for n in _qsd_order() if n in REQUIRED]
-    assert {e["name"] for e in ours if e["meta-type"] == "event"} == set(EVENTS)
+
+@pytest.mark.parametrize("version,entity", [p for v in KNOWN_VERSIONS for p in _entities(v)])
+def test_structure_equals_qsd(version, entity):
+    ours = schema_of(version).introspect()
+    assert unmask(ours, entity) == unmask(capture(version, "schema"), entity)
 
 
-def _qsd_order() -> list[str]:
-    return [e["name"] for e in json.loads(QSD.read_text()) if e["meta-type"] == "command"]
+def test_no_command_or_event_the_daemon_lacks(version, ours):
+    theirs = capture(version, "schema")
+    assert set(_names(ours, "command")) <= set(_names(theirs, "command"))
+    assert set(_names(ours, "event")) <= set(_names(theirs, "event"))
+    assert set(_names(ours, "event")) == set(EVENTS)
+    assert set(REQUIRED) <= set(_names(ours, "command"))
 
 
-@pytest.mark.parametrize("entity", REQUIRED + EVENTS)
-def test_structure_equals_qsd(ours, entity):
-    qsd = json.loads(QSD.read_text())
-    assert unmask(ours, entity) == unmask(qsd, entity)
+def test_entities_come_in_the_daemons_order(version, ours):
+    theirs = capture(version, "schema")
+    mine = _names(ours, "command")
+    assert mine == [n for n in _names(theirs, "command") if n in mine]
+    # query-qmp-schema and query-commands of one daemon list commands in
+    # opposite orders; ours must too
+    listed = [c["name"] for c in capture(version, "commands")]
+    assert listed == list(reversed(_names(theirs, "command")))
+
+
+def test_query_commands_order_is_the_daemons(version, schema):
+    """Through the real handler: the implemented commands, in the order of
+    the real daemon's query-commands."""
+    handlers = load_all()
+    ctx = SimpleNamespace(daemon=SimpleNamespace(schema=schema))
+    listed = [c["name"] for c in handlers["query-commands"](ctx, {})]
+    theirs = [c["name"] for c in capture(version, "commands")]
+    assert listed == [n for n in theirs if n in schema.commands and n in handlers]
+    assert set(REQUIRED) <= set(listed)
+
+
+def test_introspection_of_implemented_commands_only(version, schema):
+    """introspect(commands=...) advertises only those commands, still with
+    the daemon's structure and a consistent numbering."""
+    ours = schema.introspect(commands=REQUIRED)
+    assert _names(ours, "command") == [n for n in _names(capture(version, "schema"), "command")
+                                       if n in REQUIRED]
+    assert set(_names(ours, "event")) == set(EVENTS)
+    _check_numbering(ours)
+    theirs = capture(version, "schema")
+    for name in REQUIRED + EVENTS:
+        assert unmask(ours, name) == unmask(theirs, name), name
 
 
 def test_entities_first_then_types_in_first_use_order(ours):
+    _check_numbering(ours)
+
+
+def _check_numbering(ours: list[dict]) -> None:
     metas = [e["meta-type"] for e in ours]
     n_entities = sum(m in ("command", "event") for m in metas)
     assert all(m in ("command", "event") for m in metas[:n_entities])
@@ -113,11 +182,15 @@ def _refs(e: dict) -> list[str]:
     return out
 
 
-def test_entry_shapes(ours):
+def test_entry_shapes(version, ours):
     by_name = {e["name"]: e for e in ours}
     quit_ = by_name["quit"]
-    assert quit_ == {"name": "quit", "ret-type": "0", "arg-type": "0", "meta-type": "command"}
-    assert by_name["0"] == {"name": "0", "members": [], "meta-type": "object"}
+    empty = quit_["arg-type"]
+    assert quit_ == {"name": "quit", "ret-type": empty, "arg-type": empty, "meta-type": "command"}
+    assert by_name[empty] == {"name": empty, "members": [], "meta-type": "object"}
+    # the numbering of the first types follows the daemon's definition order
+    theirs = {e["name"]: e for e in capture(version, "schema")}
+    assert quit_ == theirs["quit"]
     assert by_name["drive-backup"]["features"] == ["deprecated"]
     builtins = {e["name"]: e["json-type"] for e in ours if e["meta-type"] == "builtin"}
     assert builtins == {"str": "string", "int": "int", "number": "number", "bool": "boolean", "null": "null",
@@ -131,7 +204,6 @@ def test_entry_shapes(ours):
 
 
 def test_unmasked_names_are_qemus(schema):
-    from qmpjobd.qapi.introspect import introspect
     plain = {e["name"]: e for e in introspect(schema.model, unmask=True)}
     add = plain["blockdev-add"]
     assert add["arg-type"] == "BlockdevOptions"
