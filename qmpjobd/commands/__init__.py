@@ -32,6 +32,7 @@ MODULES = (
     "drive",
     "block_export",
     "char",
+    "qom",
 )
 
 
