@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from bench.config import Config
-from bench.workloads import data, jobs, protocol
+from bench.workloads import data, fairness, jobs, protocol
 
 WorkloadFn = Callable[[str, Config], dict[str, float]]
 
@@ -30,6 +30,7 @@ WORKLOADS: list[Workload] = [
     Workload("latency", protocol.latency, 5, 2, "sequential query-jobs on one connection"),
     Workload("pipelined", protocol.pipelined, 5, 2, "one connection, requests sent without waiting"),
     Workload("many_clients", protocol.many_clients, 5, 2, "16 monitors, each pipelining query-jobs"),
+    Workload("fairness", fairness.fairness, 5, 2, "one client bursts query-qmp-schema, another's round trips"),
     Workload("churn", jobs.churn, 3, 1, "manual backup jobs: start, PENDING, finalize, dismiss"),
     Workload("fanout", jobs.fanout, 3, 1, "64 monitors receive every event of the jobs"),
     Workload("data", data.data, 3, 1, "backup and mirror of a random raw image, bit-exact"),
@@ -89,6 +90,10 @@ ROWS: list[Target] = [
     T("latency", "p99_us", "query-jobs round trip p99", "us", ratio_max=1.0),
     T("pipelined", "cmds_per_s", "pipelined throughput", "cmd/s", "higher", ratio_min=4.0),
     T("many_clients", "cmds_per_s", "16 clients aggregate", "cmd/s", "higher", ratio_min=8.0),
+    T("fairness", "other_max_ms", "other client's worst round trip, burst", "ms", ratio_max=2.0),
+    T("fairness", "other_p50_ms", "other client's round trip p50, burst", "ms"),
+    T("fairness", "burst_wall_ms", "260 query-qmp-schema in one write", "ms"),
+    T("fairness", "burst_complete", "burst answered in full", "bool", "higher", must_be=1.0),
     T("churn", "wall_s", "1000 manual jobs, wall", "s", ratio_max=0.5),
     T("fanout", "wall_ms", "64 clients x 200 jobs' events", "ms", ratio_max=1.0),
     T("fanout", "events_per_client", "events each client got", "events", "higher"),

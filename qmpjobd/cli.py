@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -20,18 +22,29 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from qmpjobd import __version__
+from qmpjobd.confine import PathPolicy
+from qmpjobd.errors import QMPError
 from qmpjobd.server import MonitorSpec
+from qmpjobd.versions import DEFAULT_VERSION, KNOWN_VERSIONS, UnknownVersion, personality
+
+# Lets a test that runs qmpjobd on a qemu-storage-daemon command line pick the release.
+QEMU_VERSION_ENV = "QMPJOBD_QEMU_VERSION"
 
 log = logging.getLogger("qmpjobd")
 
 # qemu-storage-daemon options we recognise but do not implement.
-UNSUPPORTED_QSD_OPTIONS = ("--export", "--nbd-server", "--object", "--daemonize", "--trace", "-T")
+UNSUPPORTED_QSD_OPTIONS = ("--export", "--nbd-server", "--daemonize", "--trace", "-T")
 
 ON_VALUES = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False, "n": False}
 
 
 class UsageError(Exception):
     """A bad command line; printed as ``qmpjobd: <option>: <message>``."""
+
+
+class StartupError(UsageError):
+    """Start-up refused for a reason outside the command line (a locked pid file);
+    printed the same way, exit status 1."""
 
 
 def split_keyval(text: str, implied_key: str) -> dict[str, str]:
@@ -78,8 +91,16 @@ def parse_bool(option: str, key: str, value: str) -> bool:
 class Chardev:
     id: str
     path: str | None = None
+    # "" (an explicit empty host=) listens on every address, IPv4 and IPv6, as QEMU.
     host: str | None = None
     port: int | None = None
+
+    @property
+    def listens(self) -> bool:
+        """False for ``port=`` without ``host=``: QEMU 7.2 then makes a socket
+        chardev with no address at all (query-chardev says ``disconnected:fd:``),
+        which listens nowhere."""
+        return self.path is not None or self.host is not None
 
 
 def parse_chardev(text: str) -> Chardev:
@@ -106,7 +127,17 @@ def parse_chardev(text: str) -> Chardev:
         return Chardev(chardev_id, path=path)
     if port is None:
         raise UsageError("chardev: socket needs either 'path' or 'port' set")
-    return Chardev(chardev_id, host=host or "0.0.0.0", port=parse_port(port))
+    return Chardev(chardev_id, host=host, port=parse_port(port))
+
+
+def non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid number of seconds '{text}'")
+    return value
 
 
 def parse_port(text: str) -> int:
@@ -133,7 +164,12 @@ def parse_monitor(text: str, chardevs: dict[str, Chardev], used: set[str]) -> Mo
         raise UsageError(f"Device '{name}' is in use")
     used.add(name)
     dev = chardevs[name]
-    return MonitorSpec(name, path=dev.path, host=dev.host, port=dev.port, pretty=pretty)
+    return chardev_spec(dev, pretty=pretty)
+
+
+def chardev_spec(dev: Chardev, pretty: bool = False, frontend: bool = True) -> MonitorSpec:
+    return MonitorSpec(dev.id, path=dev.path, host=dev.host, port=dev.port,
+                       pretty=pretty, frontend=frontend)
 
 
 def parse_tcp(text: str) -> tuple[str, int]:
@@ -145,8 +181,14 @@ def parse_tcp(text: str) -> tuple[str, int]:
 
 @dataclass
 class Config:
+    # The endpoints that listen, in creation order.
     monitors: list[MonitorSpec] = field(default_factory=list)
+    # Every --chardev in creation order, those that listen nowhere included
+    # (query-chardev lists them all).
+    chardevs: list[MonitorSpec] = field(default_factory=list)
     blockdevs: list[str] = field(default_factory=list)
+    # --object texts (keyval or JSON), created before the block nodes.
+    objects: list[str] = field(default_factory=list)
     pidfile: str | None = None
     demo: bool = False
     demo_dir: str = "qmpjobd-demo"
@@ -154,6 +196,10 @@ class Config:
     max_output_bytes: int = 16 * 1024 * 1024
     log_level: str = "warning"
     event_loop: str = "auto"
+    shutdown_timeout: float = 10.0
+    allowed_dirs: list[str] = field(default_factory=list)
+    # The QEMU release to impersonate (qmpjobd.versions.KNOWN_VERSIONS).
+    qemu_version: str = DEFAULT_VERSION
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve QMP on the chardev ID")
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTIONS",
                    help="add a block node at start-up (keyval or JSON, as blockdev-add takes)")
+    p.add_argument("--object", action="append", default=[], metavar="OPTIONS",
+                   help="create an object at start-up (iothread, secret, throttle-group; "
+                   "keyval or JSON, as object-add takes)")
     p.add_argument("--socket", action="append", default=[], metavar="PATH",
                    help="shorthand: QMP on a unix socket at PATH")
     p.add_argument("--tcp", action="append", default=[], metavar="[HOST:]PORT",
@@ -181,12 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not reproduce QEMU's extra paused/running events around transaction-style commands")
     p.add_argument("--max-output-bytes", type=int, default=16 * 1024 * 1024, metavar="N",
                    help="disconnect a client once N bytes of its output are unsent (default 16 MiB)")
+    p.add_argument("--shutdown-timeout", type=non_negative_seconds, default=10.0, metavar="SECONDS",
+                   help="at exit, how long to wait for cancelled jobs to stop (default 10)")
+    p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                   help="confine every file and unix socket the daemon opens or creates to DIR "
+                   "(repeatable; default: no confinement, as QEMU)")
+    p.add_argument("--qemu-version", metavar="|".join(KNOWN_VERSIONS),
+                   help=f"the QEMU release to be (default: ${QEMU_VERSION_ENV} if set, else {DEFAULT_VERSION})")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                    help="event loop implementation (default: uvloop if installed, else asyncio)")
     p.add_argument("-V", "--version", action="version",
                    version=f"qmpjobd {__version__} (QMP compatible with qemu-storage-daemon 7.2)")
     return p
+
+
+def choose_qemu_version(option: str | None, environment: str | None) -> str:
+    """--qemu-version wins over $QMPJOBD_QEMU_VERSION (set by whoever owns a command
+    line written for qemu-storage-daemon); neither means the newest release."""
+    chosen = option if option is not None else environment
+    if chosen is None or (option is None and not chosen.strip()):
+        return DEFAULT_VERSION
+    try:
+        return personality(chosen).version
+    except UnknownVersion as exc:
+        source = "--qemu-version" if option is not None else QEMU_VERSION_ENV
+        raise UsageError(f"{source}: {exc}") from None
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -196,9 +265,11 @@ def parse_args(argv: list[str]) -> Config:
             raise UsageError(f"option {name} of qemu-storage-daemon is not supported by qmpjobd")
     ns = build_parser().parse_args(argv)
     config = Config(
-        blockdevs=ns.blockdev, pidfile=ns.pidfile, demo=ns.demo, demo_dir=ns.demo_dir,
+        blockdevs=ns.blockdev, objects=ns.object, pidfile=ns.pidfile, demo=ns.demo, demo_dir=ns.demo_dir,
         drain_artefacts=not ns.no_drain_artefacts, max_output_bytes=ns.max_output_bytes,
         log_level=ns.log_level, event_loop=ns.event_loop,
+        shutdown_timeout=ns.shutdown_timeout, allowed_dirs=ns.allow_dir,
+        qemu_version=choose_qemu_version(ns.qemu_version, os.environ.get(QEMU_VERSION_ENV)),
     )
     chardevs: dict[str, Chardev] = {}
     for text in ns.chardev:
@@ -209,16 +280,20 @@ def parse_args(argv: list[str]) -> Config:
     used: set[str] = set()
     monitors = {spec.chardev_id: spec
                 for spec in (parse_monitor(text, chardevs, used) for text in ns.monitor)}
-    # Every chardev listens, in creation order; those without a monitor too (as in
-    # qemu-storage-daemon, where query-chardev lists them).
+    # Every chardev with an address listens, in creation order; those without a
+    # monitor too (as in qemu-storage-daemon, where query-chardev lists them).
     for dev in chardevs.values():
-        config.monitors.append(monitors.get(dev.id) or MonitorSpec(
-            dev.id, path=dev.path, host=dev.host, port=dev.port, frontend=False))
-    for index, path in enumerate(ns.socket):
-        config.monitors.append(MonitorSpec(f"socket{index}", path=path, pretty=ns.pretty))
+        spec = monitors.get(dev.id) or chardev_spec(dev, frontend=False)
+        config.chardevs.append(spec)
+        if dev.listens:
+            config.monitors.append(spec)
+    shorthands = [MonitorSpec(f"socket{index}", path=path, pretty=ns.pretty)
+                  for index, path in enumerate(ns.socket)]
     for index, text in enumerate(ns.tcp):
         host, port = parse_tcp(text)
-        config.monitors.append(MonitorSpec(f"tcp{index}", host=host, port=port, pretty=ns.pretty))
+        shorthands.append(MonitorSpec(f"tcp{index}", host=host, port=port, pretty=ns.pretty))
+    config.monitors += shorthands
+    config.chardevs += shorthands
     return config
 
 
@@ -231,6 +306,17 @@ def parse_blockdev(schema, text: str) -> dict:
             raise UsageError(f"invalid JSON: {exc}") from None
         return schema.validate_type("BlockdevOptions", value)
     return schema.parse_keyval("BlockdevOptions", text)
+
+
+def add_object(daemon, text: str) -> None:
+    """--object: object-add's arguments, keyval (``qom-type`` is the implied
+    key) or JSON; an error ends start-up as it does qemu-storage-daemon's."""
+    try:
+        args = dict(daemon.schema.parse_keyval("ObjectOptions", text))
+        qom_type, ident = args.pop("qom-type"), args.pop("id")
+        daemon.objects.add(qom_type, ident, args)
+    except QMPError as exc:
+        raise UsageError(f"--object {text}: {exc.desc}") from None
 
 
 DEMO_IMAGE_SIZE = 16 * 1024 * 1024
@@ -271,40 +357,146 @@ def demo_blockdevs(directory: str) -> list[str]:
     ]
 
 
+# Signals that end the daemon as `quit` does (qemu-storage-daemon's termination
+# signals): jobs are cancelled, clients get the events, sockets and pid file go.
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Signals qemu-storage-daemon ignores (SIGPIPE, which Python ignores already) or
+# blocks (SIGALRM); Python's default for them would kill us without clean-up.
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGPIPE, signal.SIGALRM)
+
+
+class PidFile:
+    """A pid file kept as qemu-storage-daemon keeps it: mode 0600, held under a
+    POSIX record lock for the daemon's lifetime (the kind QEMU takes, so the two
+    daemons exclude each other too), and removed at exit by its owner only.
+
+    Taking the lock comes first, before any socket exists, so that a daemon refused
+    here has touched nothing of the one that holds it (QEMU locks only after
+    creating its sockets, and replaces a running daemon's socket of the same path).
+    The pid itself is written once the sockets listen: a pid in the file still means
+    the daemon is ready, as QEMU documents.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = self._open_locked()
+
+    def _open_locked(self) -> int:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise StartupError(f"cannot create PID file: Could not create "
+                                   f"'{self.path}': {os.strerror(exc.errno)}") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                raise StartupError("cannot create PID file: Cannot lock pid file: "
+                                   f"{os.strerror(exc.errno)}") from None
+            if self._names(fd):
+                break
+            # The holder removed (or replaced) the file between our open and our
+            # lock: what we locked is no longer the pid file. Try the new one.
+            os.close(fd)
+        os.ftruncate(fd, 0)   # a stale pid of an earlier run must not linger
+        return fd
+
+    def _names(self, fd: int) -> bool:
+        """Does ``self.path`` still name the file open as ``fd``?"""
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except OSError:
+            return False
+
+    def write_pid(self) -> None:
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def remove(self) -> None:
+        # Unlink before closing: closing drops the lock, and a daemon waiting for
+        # it must find either our locked file or none.
+        if self._names(self.fd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        os.close(self.fd)
+
+
+def check_socket_paths(config: Config, allowed_dirs: list[str]) -> None:
+    """With --allow-dir, every unix socket the daemon creates must lie inside."""
+    try:
+        policy = PathPolicy(allowed_dirs)
+    except ValueError as exc:
+        raise UsageError(f"--allow-dir: {exc}") from None
+    for spec in config.chardevs:
+        if spec.path is not None:
+            try:
+                policy.check_create(spec.path)
+            except QMPError as exc:
+                raise UsageError(f"socket of '{spec.chardev_id}': {exc.desc}") from None
+
+
 async def run(config: Config) -> int:
     from qmpjobd.commands import load_all
     from qmpjobd.daemon import Daemon, DaemonOptions
     from qmpjobd.dispatch import Dispatcher
-    from qmpjobd.errors import QMPError
     from qmpjobd.qapi import Schema
     from qmpjobd.server import Server
 
-    options = DaemonOptions(drain_artefacts=config.drain_artefacts, max_output_bytes=config.max_output_bytes)
-    daemon = Daemon(schema=Schema.load(), options=options)
-    blockdevs = demo_blockdevs(config.demo_dir) if config.demo else []
-    blockdevs += config.blockdevs
-    for text in blockdevs:
-        try:
-            daemon.graph.add(parse_blockdev(daemon.schema, text))
-        except QMPError as exc:
-            raise UsageError(f"--blockdev {text}: {exc.desc}") from None
-    server = Server(daemon, Dispatcher(daemon, load_all()), config.monitors)
-    await server.start()
-    if config.pidfile:
-        with open(config.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, server.shutdown)
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # A termination signal during start-up is acted on once the server is up.
+    exit_requested = asyncio.Event()
+    for signum in EXIT_SIGNALS:
+        loop.add_signal_handler(signum, exit_requested.set)
+    check_socket_paths(config, config.allowed_dirs)
+    pidfile = PidFile(config.pidfile) if config.pidfile else None
     try:
-        await server.serve_until_stopped()
-    finally:
-        if config.pidfile:
+        options = DaemonOptions(drain_artefacts=config.drain_artefacts,
+                                max_output_bytes=config.max_output_bytes,
+                                allowed_dirs=tuple(config.allowed_dirs))
+        daemon = Daemon(schema=Schema.load(version=config.qemu_version), options=options)
+        for text in config.objects:
+            add_object(daemon, text)
+        blockdevs = demo_blockdevs(config.demo_dir) if config.demo else []
+        blockdevs += config.blockdevs
+        for text in blockdevs:
             try:
-                os.unlink(config.pidfile)
-            except FileNotFoundError:
-                pass
+                daemon.graph.add(parse_blockdev(daemon.schema, text))
+            except QMPError as exc:
+                raise UsageError(f"--blockdev {text}: {exc.desc}") from None
+        server = Server(daemon, Dispatcher(daemon, load_all()), config.monitors)
+        server.shutdown_grace_s = config.shutdown_timeout
+        # query-chardev also lists the chardevs that listen nowhere.
+        server.all_chardevs = config.chardevs
+        await server.start()
+        if pidfile is not None:
+            pidfile.write_pid()
+        for signum in EXIT_SIGNALS:
+            loop.add_signal_handler(signum, server.shutdown)
+        if exit_requested.is_set():
+            server.shutdown()
+        await server.serve_until_stopped()
+        abandoned = bool(server.abandoned_jobs)
+    finally:
+        if pidfile is not None:
+            pidfile.remove()
+    if abandoned:
+        exit_abandoning_jobs()
     return 0
+
+
+def exit_abandoning_jobs() -> None:
+    """Exit now, leaving jobs that did not stop within the grace period.
+
+    Their coroutines cannot be finished (one may wait in a request for ever, and a
+    thread-pool read that hangs would also hold up the interpreter's exit), so the
+    process ends here, as QEMU's exit() would, once sockets and pid file are gone.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

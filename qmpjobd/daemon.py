@@ -12,7 +12,9 @@ from typing import Callable
 from qmpjobd.block.graph import BlockGraph
 from qmpjobd.job.clock import Clock, RealClock
 from qmpjobd.job.manager import JobManager
+from qmpjobd.objects import ObjectRegistry
 from qmpjobd.qapi import Schema
+from qmpjobd.versions import Personality
 
 EventSink = Callable[[str, dict], None]
 
@@ -26,6 +28,9 @@ class DaemonOptions:
     drain_artefacts: bool = True
     # Bytes of unsent output a connection may hold before it is cut off.
     max_output_bytes: int = 16 * 1024 * 1024
+    # --allow-dir: every path the daemon opens or creates must resolve inside one of
+    # these directories (qmpjobd.confine); empty means unconfined, as QEMU.
+    allowed_dirs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -40,7 +45,15 @@ class Daemon:
     def __post_init__(self) -> None:
         self.jobs = JobManager(emit=self.emit, clock=self.clock)
         self.graph = BlockGraph(self.jobs, options=self.options)
+        # object-add's objects (iothread, secret, throttle-group), by id.
+        self.objects = ObjectRegistry(lambda: self.personality)
         self.quit_requested = False
+
+    @property
+    def personality(self) -> "Personality":
+        """The QEMU release this daemon impersonates (the schema's view decides it).
+        Layers ask ``daemon.personality.has(BEHAVIOUR)``, never compare versions."""
+        return self.schema.personality
 
     def emit(self, name: str, data: dict) -> None:
         """Announce an event now; every sink (the server's fan-out) gets it at once."""

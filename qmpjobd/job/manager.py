@@ -52,6 +52,13 @@ Emit = Callable[[str, dict], None]
 # Main-loop passes one run_bottom_halves() or poll_while() call may run.
 BOTTOM_HALF_BUDGET = 10_000
 
+# How often finish_shutdown() looks again at jobs that are still stopping.
+SHUTDOWN_RECHECK_S = 0.005
+
+
+def _always_settled() -> bool:
+    return True
+
 _ID_FIRST = frozenset(string.ascii_letters)
 _ID_REST = frozenset(string.ascii_letters + string.digits + "-._")
 
@@ -76,6 +83,8 @@ class JobManager:
         self._scheduled_coroutines: list[Callable[[], None]] = []
         self._co_bh_queued = False
         self._flush_scheduled = False
+        # Set by begin_shutdown(): whether the drain of every node has settled.
+        self._shutdown_quiesced: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------------ ids and the list
 
@@ -238,6 +247,62 @@ class JobManager:
             self._schedule_flush()
 
     # ------------------------------------------------------------------ shutdown
+
+    def begin_shutdown(self, quiesce_all: Callable[[], None], quiesced: Callable[[], bool]) -> bool:
+        """Daemon exit as QEMU does it: quiesce every node, then force-cancel every job.
+
+        ``quiesce_all`` is the block graph's drain of all nodes (bdrv_drain_all_begin,
+        which announces ``paused``/``standby``); it runs once, however often this is
+        called. ``quiesced`` tells whether that drain has settled (no request left
+        in flight). Goes as far as it can without waiting for I/O or timers, so
+        that the events of jobs that can stop at once are queued before whatever
+        the caller writes next (``quit``'s reply). Returns True once no job is left.
+        """
+        if self._shutdown_quiesced is None:
+            self._shutdown_quiesced = quiesced
+            quiesce_all()
+        return self._shutdown_progress()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown_quiesced is not None
+
+    async def finish_shutdown(self, grace_s: float) -> list["Job"]:
+        """Let the jobs cancelled by begin_shutdown() finish; give up after ``grace_s``.
+
+        QEMU waits as long as a request takes (a hung one blocks its exit for
+        ever); qmpjobd bounds the wait. Returns the jobs still there at the end.
+        """
+        assert self._shutdown_quiesced is not None, "finish_shutdown before begin_shutdown"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while not self._shutdown_progress():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return list(self.jobs)
+            # What we wait for finishes from thread-pool futures, clock timers or
+            # bottom halves, with no single hook to wait on; shutdown is rare and
+            # short, so re-checking every few milliseconds is the simple way.
+            await asyncio.sleep(min(remaining, SHUTDOWN_RECHECK_S))
+        return []
+
+    def _shutdown_progress(self) -> bool:
+        """QEMU's job_cancel_sync_all: force-cancel the first (newest) job and wait
+        for it to complete, until the list is empty. Stops early, returning False,
+        where QEMU would block for I/O; the next call continues from there."""
+        assert self._shutdown_quiesced is not None
+        if self.jobs and not self._shutdown_quiesced():
+            return False   # bdrv_drain_all_begin still waits for requests
+        # The drain has settled once; what the cancelled jobs do next is theirs.
+        self._shutdown_quiesced = _always_settled
+        while self.jobs:
+            job = self.jobs[0]
+            status = job.status
+            job.cancel_sync(force=True)
+            if self.jobs and self.jobs[0] is job and (not job.is_completed or job.status == status):
+                # Its I/O (or a transaction member's) is still running.
+                return False
+        return True
 
     def close(self) -> None:
         """Abandon every job coroutine (daemon exit)."""
