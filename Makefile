@@ -10,7 +10,7 @@ SOCKET ?= ./qmp.sock
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,fast]'
+	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 # Run the daemon in the foreground with the built-in demo setup. Ctrl-C stops it.
@@ -38,3 +38,18 @@ schema: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(SOCKET)
+
+# Coverage-guided fuzzing of the lexer, the validator and the keyval parser with
+# atheris, FUZZ_SECONDS each (not part of `make test`). Corpora grow in build/fuzz/;
+# a crashing input is written to build/fuzz/crash-*. See fuzz/README.md.
+FUZZ_SECONDS ?= 120
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[fuzz]'
+	@for target in lexer validator keyval; do \
+		mkdir -p build/fuzz/$$target; \
+		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+		$(BIN)/python fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=build/fuzz/ -print_final_stats=1 \
+			build/fuzz/$$target fuzz/seeds/$$target || exit 1; \
+	done

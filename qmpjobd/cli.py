@@ -502,7 +502,7 @@ def exit_abandoning_jobs() -> None:
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when asked for, or by default when it is installed; else asyncio's.
 
-    uvloop (the ``fast`` extra) is a drop-in event loop in C: it cuts the per-command
+    uvloop (a dependency where it has wheels) is a drop-in event loop in C: it cuts the per-command
     round trip by about a third. Everything above the loop is the same code.
     """
     if choice == "asyncio":
@@ -511,7 +511,7 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise UsageError("--event-loop uvloop: uvloop is not installed (pip install 'qmpjobd[fast]')")
+            raise UsageError("--event-loop uvloop: uvloop is not installed on this platform")
         return None
     return uvloop.new_event_loop
 

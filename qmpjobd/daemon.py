@@ -13,8 +13,8 @@ from qmpjobd.block.graph import BlockGraph
 from qmpjobd.job.clock import Clock, RealClock
 from qmpjobd.job.manager import JobManager
 from qmpjobd.objects import ObjectRegistry
-from qmpjobd.qapi import Schema
-from qmpjobd.versions import Personality
+from qmpjobd.qapi import SCHEMA_DEFAULT_VERSION, Schema
+from qmpjobd.versions import Personality, personality
 
 EventSink = Callable[[str, dict], None]
 
@@ -53,6 +53,8 @@ class Daemon:
     def personality(self) -> "Personality":
         """The QEMU release this daemon impersonates (the schema's view decides it).
         Layers ask ``daemon.personality.has(BEHAVIOUR)``, never compare versions."""
+        if self.schema is None:  # lower-layer tests build a Daemon without a schema
+            return personality(SCHEMA_DEFAULT_VERSION)
         return self.schema.personality
 
     def emit(self, name: str, data: dict) -> None:

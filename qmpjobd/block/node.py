@@ -93,6 +93,9 @@ class BlockNode:
         # threshold of block-set-write-threshold (0: disarmed).
         self.wr_highest_offset = 0
         self.write_threshold = 0
+        # QEMU's BDRV_O_INACTIVE cleared (10.0+ personalities can change it with
+        # blockdev-add active=false and blockdev-set-active; 7.2 has no way to).
+        self.active: bool = bool(options.get("active", True))
         self.parent_nodes: list[BlockNode] = []
         for child in children.values():
             child.parent_nodes.append(self)
@@ -404,6 +407,40 @@ class BlockNode:
             return backing
         return self.file_child if self.is_filter else None
 
+    # --- I/O limits (QEMU's BlockLimits, query-named-block-nodes image.limits) ------
+
+    # A leaf node's memory alignments before its driver refines them (QEMU's
+    # defaults for a node without children: 512 bytes, the host page size).
+    leaf_min_mem_alignment: ClassVar[int] = 512
+    leaf_opt_mem_alignment: ClassVar[int] = 4096
+    # IOV_MAX on Linux.
+    leaf_max_iov: ClassVar[int] = 1024
+
+    def request_alignment(self) -> int:
+        """The node's own request alignment; 1 for every driver that takes byte
+        requests (blkdebug's ``align`` raises it)."""
+        return 1
+
+    def block_limits(self) -> dict:
+        """BlockLimitsInfo members this node has, in QAPI declaration order.
+
+        A node with a data child merges the child's limits (alignments: the
+        larger, max-iov: the smaller), as QEMU's bdrv_refresh_limits does; a
+        leaf starts from the defaults above.
+        """
+        child = self.file_child
+        if child is None:
+            min_mem = self.leaf_min_mem_alignment
+            opt_mem = self.leaf_opt_mem_alignment
+            max_iov = self.leaf_max_iov
+        else:
+            inner = child.block_limits()
+            min_mem = inner["min-mem-alignment"]
+            opt_mem = inner["opt-mem-alignment"]
+            max_iov = inner["max-iov"]
+        return {"request-alignment": self.request_alignment(), "max-iov": max_iov,
+                "min-mem-alignment": min_mem, "opt-mem-alignment": opt_mem}
+
     def dirty_bitmap_infos(self) -> list[dict]:
         """BlockDirtyInfo of the bitmaps jobs keep on this node (mirror's)."""
         return [provider() for provider in self.dirty_bitmaps]
@@ -425,7 +462,8 @@ DECLARATION_ORDER = {
          "image", "config", "align", "max-transfer", "opt-write-zero",  # blkdebug
          "max-write-zero", "opt-discard", "max-discard", "inject-error", "set-state",
          "take-child-perms", "unshare-child-perms"],
-    "inject-error": ["event", "state", "iotype", "errno", "sector", "once", "immediately"],
+    "inject-error": ["event", "state", "iotype", "errno", "delay-ns", "sector", "once",
+                     "immediately"],
     "set-state": ["event", "state", "new_state"],
 }
 

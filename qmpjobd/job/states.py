@@ -35,7 +35,8 @@ class JobStatus(str, Enum):
 
 
 class JobVerb(str, Enum):
-    """QAPI JobVerb of QEMU 7.2, in declaration order (``change`` arrived in 8.2)."""
+    """QAPI JobVerb in declaration order (``change`` arrived in 8.2; only
+    block-job-change uses it, and the schema offers that command from 10.0)."""
 
     CANCEL = "cancel"
     PAUSE = "pause"
@@ -44,6 +45,7 @@ class JobVerb(str, Enum):
     COMPLETE = "complete"
     DISMISS = "dismiss"
     FINALIZE = "finalize"
+    CHANGE = "change"
 
 
 _STATUS_ORDER = list(JobStatus)
@@ -72,6 +74,7 @@ _VERB_MATRIX = {
     JobVerb.COMPLETE:  "0 0 0 0 1 1 0 0 0 0 0",
     JobVerb.DISMISS:   "0 0 0 0 0 0 0 0 0 1 0",
     JobVerb.FINALIZE:  "0 0 0 0 0 0 0 1 0 0 0",
+    JobVerb.CHANGE:    "0 1 1 1 1 1 0 0 0 0 0",
 }
 
 

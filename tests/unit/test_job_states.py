@@ -40,6 +40,7 @@ ACCEPTING = {
     JobVerb.COMPLETE: {S.READY, S.STANDBY},
     JobVerb.DISMISS: {S.CONCLUDED},
     JobVerb.FINALIZE: {S.PENDING},
+    JobVerb.CHANGE: {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY},
 }
 
 
@@ -58,7 +59,7 @@ def test_enum_orders_match_qapi() -> None:
         "undefined", "created", "running", "paused", "ready", "standby", "waiting",
         "pending", "aborting", "concluded", "null"]
     assert [v.value for v in JobVerb] == [
-        "cancel", "pause", "resume", "set-speed", "complete", "dismiss", "finalize"]
+        "cancel", "pause", "resume", "set-speed", "complete", "dismiss", "finalize", "change"]
 
 
 @pytest.mark.parametrize("src,dst", list(itertools.product(JobStatus, JobStatus)),

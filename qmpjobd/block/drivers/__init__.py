@@ -1,4 +1,10 @@
-"""Block drivers: the BlockdevDriver names qmpjobd implements, and the refusal for the rest."""
+"""Block drivers: the BlockdevDriver names qmpjobd implements, and the refusal for the rest.
+
+A few QEMU drivers are loadable modules in Debian's builds (libblkio's, gluster's).
+Where the impersonated daemon would look for the module and not find it, qmpjobd
+answers as that daemon does when the module is not installed
+(``Unknown driver '<name>'``); elsewhere the refusal names qmpjobd.
+"""
 
 from __future__ import annotations
 
@@ -28,3 +34,34 @@ def driver_class(name: str) -> type:
     module_name, class_name = target.split(":")
     module = importlib.import_module(f"{__name__}.{module_name}")
     return getattr(module, class_name)
+
+
+# Drivers Debian ships as loadable modules that the oracle installations lack.
+MODULE_DRIVERS = frozenset({
+    "io_uring", "nvme-io_uring", "virtio-blk-vfio-pci", "virtio-blk-vhost-user",
+    "virtio-blk-vhost-vdpa", "gluster",
+})
+
+
+def check_module_drivers(options: dict, modules_absent: bool) -> None:
+    """Refuse a module driver anywhere in ``options`` (inline children too) with
+    QEMU's "Unknown driver" when ``modules_absent`` (the personality decides)."""
+    if not modules_absent:
+        return
+    for tree in _option_trees(options):
+        name = tree.get("driver")
+        if name in MODULE_DRIVERS:
+            raise QMPError(f"Unknown driver '{name}'")
+
+
+def uses_module_driver(options: dict) -> bool:
+    return any(tree.get("driver") in MODULE_DRIVERS for tree in _option_trees(options))
+
+
+def _option_trees(options: dict) -> list[dict]:
+    """``options`` and every inline child definition below it, parents first."""
+    trees = [options]
+    for value in options.values():
+        if isinstance(value, dict) and "driver" in value:
+            trees.extend(_option_trees(value))
+    return trees

@@ -16,6 +16,8 @@ Rule model (checked against qemu-io/qemu-storage-daemon 7.2, see tests):
   fails the request with ``-errno`` (default EIO; 0 or negative means no error).
   ``once`` removes the rule for good after it fired. Without ``immediately`` the
   error is returned after one trip through the event loop, as QEMU does.
+  ``delay-ns`` (10.0+) first holds the request that long on the daemon clock; with
+  ``errno`` 0 the request then succeeds.
 * A rule with ``state`` only takes part while the node's state (initially 1) equals
   it; ``set-state`` rules change the state when their event fires.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+from qmpjobd.block.activation import check_child_attach
 from qmpjobd.block.node import BlockNode, io_error
 from qmpjobd.errors import QMPError
 
@@ -41,6 +44,7 @@ class InjectRule:
     once: bool
     immediately: bool
     iotypes: frozenset[str]
+    delay_ns: int = 0     # 10.0+: hold the request this long first
 
     def matches(self, offset: int, length: int, iotype: str) -> bool:
         if iotype not in self.iotypes:
@@ -71,6 +75,7 @@ class BlkdebugNode(BlockNode):
             raise QMPError("Parameter 'image' is missing")
 
     def open(self) -> None:
+        check_child_attach(self.node_name, "image", self.children["image"])
         if "config" in self.options:
             raise QMPError("blkdebug option 'config' is not supported by qmpjobd; "
                            "give the rules as inject-error/set-state")
@@ -81,7 +86,8 @@ class BlkdebugNode(BlockNode):
         self.state_rules = [SetStateRule(r["event"], r.get("state", 0), r["new_state"])
                             for r in self.options.get("set-state", [])]
         self.state = 1
-        self.active: list[InjectRule] = [r for r in self.inject_rules if r.event == "none"]
+        self.active_rules: list[InjectRule] = [
+            r for r in self.inject_rules if r.event == "none"]
         self.size = self.children["image"].size
 
     @staticmethod
@@ -95,6 +101,7 @@ class BlkdebugNode(BlockNode):
             once=bool(options.get("once", False)),
             immediately=bool(options.get("immediately", False)),
             iotypes=DEFAULT_IOTYPES if iotype is None else frozenset({iotype}),
+            delay_ns=max(0, options.get("delay-ns", 0)),
         )
 
     # --- events and rules -------------------------------------------------------
@@ -104,20 +111,26 @@ class BlkdebugNode(BlockNode):
         fired = [r for r in self.inject_rules
                  if r.event == event and r.state in (0, self.state)]
         if fired:
-            self.active = fired
+            self.active_rules = fired
         for rule in self.state_rules:
             if rule.event == event and rule.state in (0, self.state):
                 new_state = rule.new_state
         self.state = new_state
 
     async def _check_rules(self, offset: int, length: int, iotype: str) -> None:
-        rule = next((r for r in self.active if r.matches(offset, length, iotype)), None)
-        if rule is None or rule.errno <= 0:
+        rule = next((r for r in self.active_rules if r.matches(offset, length, iotype)), None)
+        if rule is None or (rule.errno <= 0 and not rule.delay_ns):
             return
         if rule.once:
-            self.active.remove(rule)
+            self.active_rules.remove(rule)
             self.inject_rules.remove(rule)
-        if not rule.immediately:
+        if rule.delay_ns:
+            # The request waits on the daemon clock, then fails (or, with errno
+            # 0, goes on): a slow device rather than a broken one.
+            await self.graph.clock.sleep_ns(rule.delay_ns)
+            if rule.errno <= 0:
+                return
+        elif not rule.immediately:
             # QEMU completes the failed request from a bottom half: the job goes on
             # in the same main-loop pass, before the current command's reply.
             await self.graph.jobs.main_loop_turn()
@@ -138,6 +151,10 @@ class BlkdebugNode(BlockNode):
     async def _flush(self) -> None:
         await self._check_rules(0, 0, "flush")
         await self.children["image"].co_flush()
+
+    def request_alignment(self) -> int:
+        # ``align`` is the point of the option: requests must be multiples of it.
+        return self.options.get("align") or 1
 
     def exact_filename(self) -> str | None:
         if self.own_strong_options():

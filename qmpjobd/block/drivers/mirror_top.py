@@ -10,6 +10,7 @@ with "Need a root block node".
 
 from __future__ import annotations
 
+from qmpjobd.block.activation import check_child_attach
 from qmpjobd.block.node import BlockNode
 
 
@@ -19,7 +20,12 @@ class MirrorTopNode(BlockNode):
     child_roles = ("backing",)
 
     def open(self) -> None:
-        self.size = self.children["backing"].size
+        source = self.children["backing"]
+        if not source.active:
+            # insert_filter has linked us to the source already; undo that.
+            self.detach_children()
+            check_child_attach(self.node_name, "backing", source)
+        self.size = source.size
 
     @property
     def file_child(self) -> BlockNode | None:

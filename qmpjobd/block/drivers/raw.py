@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 
+from qmpjobd.block.activation import check_child_attach
 from qmpjobd.block.node import BlockNode, io_error
 from qmpjobd.errors import QMPError
 
@@ -29,6 +30,7 @@ class RawNode(BlockNode):
 
     def open(self) -> None:
         child = self.children["file"]
+        check_child_attach(self.node_name, "file", child)
         child_size = child.size
         self.offset: int = self.options.get("offset", 0)
         self.has_size = "size" in self.options
