@@ -5,6 +5,11 @@ Drained sections are the one mechanism behind QEMU's extra ``paused``/``running`
 event pairs: draining a node quiesces it and every node above it (QEMU drains the
 parents of a drained node), and each job registered as a user of a quiesced node gets
 one internal pause per drained section, undone when the section ends.
+
+Graph changes (``graph_change``) add the sections QEMU's block-graph lock takes from
+8.0 on; ``qmpjobd.block.drain`` says, per personality, which change takes which kind.
+A job paused by an outer section shows nothing for inner ones (its pause counter is
+already above zero), which is QEMU's nesting rule.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import contextlib
 import re
 from typing import Any, Iterable, Iterator
 
+from qmpjobd.block.drain import GRAPH_CHANGES, SectionKind, operation_changes
 from qmpjobd.block.drivers import driver_class
 from qmpjobd.block.node import BlockNode, extract_child_options, flatten_options
+from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
+from qmpjobd.versions import Personality, personality as personality_named
 
 # QEMU keeps node names in a 32-byte buffer (31 characters and the NUL).
 NODE_NAME_MAX = 31
@@ -29,14 +37,57 @@ _AUTO_NAME_PREFIX = "#block"
 class BlockGraph:
     """Every node of the daemon, by node name, in creation order."""
 
-    def __init__(self, jobs: Any, options: Any = None) -> None:
+    def __init__(self, jobs: Any, options: Any = None,
+                 personality: Personality | None = None) -> None:
         self.jobs = jobs
         self.options = options
+        self._personality = personality
+        # Section kind of every graph change, for the personality they were built for.
+        self._section_kinds: tuple[Personality, dict[str, SectionKind]] | None = None
         self.nodes: dict[str, BlockNode] = {}
         self._auto_name_counter = 0
         # Stack of drained sections: each entry is the list of nodes it quiesced.
         # Open drained sections: (the nodes asked for, or None for all; quiesced nodes).
         self._drained_sections: list[tuple[tuple[BlockNode, ...] | None, list[BlockNode]]] = []
+        self._path_policy = PathPolicy()
+
+    # --- path confinement ----------------------------------------------------------
+
+    @property
+    def path_policy(self) -> PathPolicy:
+        """The --allow-dir policy every host path of the block layer goes through
+        (file nodes open with it, image creation creates with it)."""
+        wanted = tuple(getattr(self.options, "allowed_dirs", ()) or ())
+        if wanted != self._path_policy.requested:
+            # Built on first use and whenever the options change; the directories
+            # are resolved once per build, not per open.
+            self._path_policy = PathPolicy(wanted)
+        return self._path_policy
+
+    # --- personality --------------------------------------------------------------
+
+    @property
+    def personality(self) -> Personality:
+        """The QEMU release whose drain artefacts the graph reproduces."""
+        if self._personality is None:
+            # Without a daemon (unit tests of the graph alone): 7.2.
+            self._personality = personality_named("7.2")
+        return self._personality
+
+    @personality.setter
+    def personality(self, value: Personality) -> None:
+        self._personality = value
+
+    def section_kind(self, change: str) -> SectionKind:
+        """The section graph change ``change`` takes here (NONE when the user turned
+        drain artefacts off with --no-drain-artefacts)."""
+        if self.options is not None and not getattr(self.options, "drain_artefacts", True):
+            return SectionKind.NONE
+        who = self.personality
+        if self._section_kinds is None or self._section_kinds[0] is not who:
+            self._section_kinds = (who, {name: change_.kind_for(who)
+                                         for name, change_ in GRAPH_CHANGES.items()})
+        return self._section_kinds[1][change]
 
     # --- clock ------------------------------------------------------------------
 
@@ -80,11 +131,29 @@ class BlockGraph:
     def _open(self, options: dict, created: list[BlockNode],
               flat: dict | None = None) -> BlockNode:
         """Open one node. ``flat`` is how QEMU would hold its options (flattened,
-        in QEMU's insertion order); it only shapes json: filenames."""
+        in QEMU's insertion order); it only shapes json: filenames.
+
+        The graph changes are QEMU's bdrv_open_inherit: a protocol driver attaches
+        each child as it opens it; a format driver reaches its file child through a
+        temporary BlockBackend (inserted before the node is named, removed once it is
+        open) and attaches it in its own open; a driver whose open fails drops its
+        children (open_failed); and a node that fails to open at all is closed.
+        """
         if flat is None:
             flat = flatten_options(options)
         cls = driver_class(options["driver"])
         check_generic_options(options)
+        try:
+            node = self._open_named(cls, options, created, flat)
+        except BaseException:
+            # bdrv_unref of the half-built node (QEMU created it before opening).
+            self.graph_changes("close")
+            raise
+        created.append(node)
+        return node
+
+    def _open_named(self, cls: type[BlockNode], options: dict,
+                    created: list[BlockNode], flat: dict) -> BlockNode:
         # QEMU opens a format driver's protocol child before naming the format node;
         # other drivers are named (and listed) before they open their children.
         # Error precedence and the node list order follow from that.
@@ -94,22 +163,37 @@ class BlockGraph:
             self.nodes[node_name] = None  # type: ignore[assignment]  # keeps list position
         try:
             children = self._open_children(cls, options, created, flat)
-            if not named_first:
-                node_name, auto_named = self._claim_name(options.get("node-name"))
-            own_options = {k: v for k, v in options.items() if k not in cls.child_roles}
-            node = cls(self, node_name, own_options, children, auto_named)
-            node.flat_options = flat
+            through_backend = cls.is_format and bool(children)
+            if through_backend:
+                self.graph_changes("backend-insert")
             try:
-                node.open()
-            except BaseException:
-                node.detach_children()
-                raise
+                if not named_first:
+                    node_name, auto_named = self._claim_name(options.get("node-name"))
+                if cls.is_format:
+                    self.graph_changes(*("attach-child" for _ in children))
+                node = self._construct(cls, node_name, options, children, auto_named, flat)
+            finally:
+                if through_backend:
+                    self.graph_changes("backend-remove")
         except BaseException:
             if named_first:
                 del self.nodes[node_name]
             raise
         self.nodes[node_name] = node
-        created.append(node)
+        return node
+
+    def _construct(self, cls: type[BlockNode], node_name: str, options: dict,
+                   children: dict[str, BlockNode], auto_named: bool,
+                   flat: dict) -> BlockNode:
+        own_options = {k: v for k, v in options.items() if k not in cls.child_roles}
+        node = cls(self, node_name, own_options, children, auto_named)
+        node.flat_options = flat
+        try:
+            node.open()
+        except BaseException:
+            with self.graph_change("open-failed"):
+                node.detach_children()
+            raise
         return node
 
     def _open_children(self, cls: type[BlockNode], options: dict,
@@ -119,6 +203,9 @@ class BlockGraph:
             if role in options:
                 child_flat = extract_child_options(flat, role)
                 children[role] = self._child(options[role], options, created, child_flat)
+                if not cls.is_format:
+                    # bdrv_open_child: a protocol driver attaches each child it opens.
+                    self.graph_changes("attach-child")
         cls.check_children(children)
         return children
 
@@ -187,18 +274,26 @@ class BlockGraph:
         """
         name, auto_named = self._claim_name(node_name)
         node = cls(self, name, {"driver": cls.driver}, {cls.child_roles[0]: child}, auto_named)
-        node.open()
-        self.nodes[name] = node
+        with self.graph_change("append"):
+            node.open()
+            self.nodes[name] = node
         return node
 
     def drop_filter(self, node: BlockNode) -> None:
-        """Remove an implicit filter inserted by ``insert_filter``."""
-        self.nodes.pop(node.node_name, None)
-        node.detach_children()
-        node.close()
+        """Remove an implicit filter inserted by ``insert_filter``: its parents move
+        back to its child, then its last reference goes. Dropping it twice is a
+        no-op (a job's early failure and its caller may both ask)."""
+        if self.nodes.get(node.node_name) is not node:
+            return
+        with self.graph_change("drop-filter"):
+            self.nodes.pop(node.node_name, None)
+            node.detach_children()
+        with self.graph_change("close"):
+            node.close()
 
     def replace_node(self, old: BlockNode, new: BlockNode, keep: BlockNode | None = None) -> None:
         """Point every parent of ``old`` (except ``keep``) at ``new`` (mirror pivot)."""
+        self.graph_changes("replace-node")
         for parent in list(old.parent_nodes):
             if parent is keep:
                 continue
@@ -225,12 +320,16 @@ class BlockGraph:
         self._forget(node)
 
     def _forget(self, node: BlockNode) -> None:
-        """Drop ``node``; children only it held go with it (QEMU's refcounting)."""
-        self.nodes.pop(node.node_name, None)
-        node.close()
-        for child in node.detach_children():
-            if not child.monitor_owned and not child.parent_nodes and not child.job_users:
-                self._forget(child)
+        """Drop ``node``; children only it held go with it (QEMU's refcounting).
+
+        One close per node, parent first; where a close holds its section (10.1+)
+        the children's closes happen inside the parent's."""
+        with self.graph_change("close"):
+            self.nodes.pop(node.node_name, None)
+            node.close()
+            for child in node.detach_children():
+                if not child.monitor_owned and not child.parent_nodes and not child.job_users:
+                    self._forget(child)
 
     # --- drained sections -------------------------------------------------------
 
@@ -272,6 +371,68 @@ class BlockGraph:
             for job in list(node.job_users):
                 self.resume_job_after_drain(job)
 
+    # --- graph changes (QEMU's block-graph write lock) ----------------------------
+
+    def graph_change(self, change: str) -> contextlib.AbstractContextManager[None]:
+        """``with graph.graph_change("close"): ...`` around the qmpjobd equivalent of
+        a QEMU graph change: a PULSE comes before the body, a HELD section is open
+        across it, a DRAIN_ALL comes before it; NONE does nothing."""
+        kind = self.section_kind(change)
+        if kind is SectionKind.NONE:
+            return _NO_SECTION
+        if kind is SectionKind.DRAIN_ALL:
+            self.drained_begin(None)
+            self.drained_end(None)
+            return _NO_SECTION
+        return self._write_locked(kind)
+
+    @contextlib.contextmanager
+    def _write_locked(self, kind: SectionKind) -> Iterator[None]:
+        """bdrv_graph_wrlock[_drained] ... bdrv_graph_wrunlock around the body."""
+        if kind is SectionKind.HELD:
+            self.drained_begin(None)
+        else:
+            self.drain_pulse()
+        try:
+            yield
+        finally:
+            # bdrv_graph_wrunlock runs one pass of bottom halves (aio_bh_poll) for
+            # the deferred unrefs; whatever else is due then runs too, such as
+            # another job's completion (QEMU 10.0 finishes a second backup of a
+            # transaction inside the first one's clean-up this way).
+            self.jobs.main_loop_pass()
+            if kind is SectionKind.HELD:
+                self.drained_end(None)
+
+    def graph_changes(self, *changes: str) -> None:
+        """Graph changes with nothing of qmpjobd's inside them, one after another."""
+        for change in changes:
+            with self.graph_change(change):
+                pass
+
+    def graph_operation(self, operation: str) -> None:
+        """A fixed sequence of graph changes (``qmpjobd.block.drain.OPERATIONS``)."""
+        self.graph_changes(*operation_changes(operation))
+
+    def drain_pulse(self) -> None:
+        """bdrv_graph_wrlock's drain: quiesce every node, pausing every job that uses
+        one, then undo it all, without running the main loop in between.
+
+        Pauses come first and resumes second, both in node order, so a job pauses at
+        its first node and resumes at its last. A job already paused (by an outer
+        section or by its user) shows nothing, and a busy job (inside a request) is
+        not entered, so it shows nothing either.
+        """
+        quiesced = self._drain_closure(None)
+        for node in quiesced:
+            node.quiesce_counter += 1
+            for job in list(node.job_users):
+                self.pause_job_for_drain(job)
+        for node in quiesced:
+            node.quiesce_counter -= 1
+            for job in list(node.job_users):
+                self.resume_job_after_drain(job)
+
     @contextlib.contextmanager
     def drained(self, nodes: Iterable[BlockNode] | None = None) -> Iterator[None]:
         self.drained_begin(nodes)
@@ -282,7 +443,8 @@ class BlockGraph:
 
     def _drain_closure(self, nodes: Iterable[BlockNode] | None) -> list[BlockNode]:
         if nodes is None:
-            return list(self.nodes.values())
+            # A name claimed by a node still opening holds None (its list place).
+            return [node for node in self.nodes.values() if node is not None]
         closure: list[BlockNode] = []
         for node in nodes:
             for member in [node, *node.ancestors()]:
@@ -299,6 +461,9 @@ class BlockGraph:
     @staticmethod
     def resume_job_after_drain(job: Any) -> None:
         job.resume()
+
+
+_NO_SECTION: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
 def check_generic_options(options: dict) -> None:

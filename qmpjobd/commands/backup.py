@@ -11,8 +11,10 @@ nodes and drains the source first (``drain_source``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+from qmpjobd.block.personality import personality_of
+from qmpjobd.block.stderr import backup_block_size_warning, warn
 from qmpjobd.commands import Context, command
 from qmpjobd.commands.transaction import (
     ActionContext,
@@ -67,6 +69,12 @@ def check_bitmap_arguments(source: Any, args: dict) -> None:
         raise QMPError("Cannot specify bitmap sync mode without a bitmap")
 
 
+def _block_size_warner(daemon: Any) -> Callable[[int], None]:
+    """What prints the target block-size warning, worded for the daemon's release."""
+    who = personality_of(daemon)
+    return lambda size: warn(who, backup_block_size_warning(who, size))
+
+
 def create_backup_job(actx: ActionContext, action: TxnAction, source: Any, target: Any,
                       args: dict) -> "BackupJob":
     """QEMU's do_backup_common + backup_job_create, plus the transaction steps."""
@@ -74,6 +82,9 @@ def create_backup_job(actx: ActionContext, action: TxnAction, source: Any, targe
     from qmpjobd.block.jobs.backup import BackupJob
 
     check_bitmap_arguments(source, args)
+    # on-cbw-error (11.1) is taken and has nothing to act on: it decides what a
+    # guest write that fails to copy does, and nothing writes to a backup source
+    # here (no exports, no guest).
     job = BackupJob(
         actx.daemon.jobs,
         # Without job-id QEMU uses the BlockBackend name, which qsd nodes never have.
@@ -89,6 +100,8 @@ def create_backup_job(actx: ActionContext, action: TxnAction, source: Any, targe
         txn=actx.job_txn,
         perf=_perf(args),
         compress=args.get("compress", False),
+        discard_source=args.get("discard-source", False),
+        warn_block_size=_block_size_warner(actx.daemon),
     )
     action.on_commit(job.start)
     action.on_abort(lambda: job.cancel_sync(force=True))
@@ -99,6 +112,7 @@ def prepare_blockdev_backup(actx: ActionContext, data: dict, action: TxnAction) 
     graph = actx.daemon.graph
     source = graph.lookup(data["device"])
     target = graph.lookup(data["target"])
+    graph.graph_changes("aio-context")     # bdrv_try_change_aio_context(target)
     drain_source(actx, action, source)
     create_backup_job(actx, action, source, target, data)
 

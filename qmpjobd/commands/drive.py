@@ -30,6 +30,7 @@ def prepare_drive_backup(actx: ActionContext, data: dict, action: TxnAction) -> 
                                         extra_options={"discard": "unmap",
                                                        "detect-zeroes": "unmap"})
     try:
+        graph.graph_changes("aio-context")     # bdrv_try_change_aio_context(target)
         create_backup_job(actx, action, source, target, data)
     except BaseException:
         graph.release_implicit(target)

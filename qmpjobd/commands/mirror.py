@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from qmpjobd.block.personality import MIRROR_ACTIVELY_SYNCED, personality_of
 from qmpjobd.commands import Context, command
 from qmpjobd.errors import QMPError
+from qmpjobd.job.states import JobVerb, check_verb
 
 # QEMU format drivers that exist but cannot create images.
 _NO_CREATE = ("null-co", "null-aio", "blkdebug", "blkverify", "blkreplay", "copy-on-read",
@@ -21,7 +23,7 @@ _NO_CREATE = ("null-co", "null-aio", "blkdebug", "blkverify", "blkreplay", "copy
 
 
 def start_mirror(ctx: Context, source: Any, target: Any, args: dict, *,
-                 zero_target: bool) -> None:
+                 zero_target: bool, source_backing_chain: bool = False) -> None:
     """blockdev_mirror_common + mirror_start: checks, then create and start the job."""
     # Job drivers load on first use: a daemon's start-up does not need them.
     from qmpjobd.block.jobs.mirror import MirrorJob, check_granularity
@@ -59,6 +61,10 @@ def start_mirror(ctx: Context, source: Any, target: Any, args: dict, *,
         auto_dismiss=args.get("auto-dismiss", True),
         filter_node_name=args.get("filter-node-name"),
         zero_target=zero_target,
+        source_backing_chain=source_backing_chain,
+        copy_mode=args.get("copy-mode", "background"),
+        target_is_zero=args.get("target-is-zero", False),
+        reports_actively_synced=personality_of(ctx.daemon).has(MIRROR_ACTIVELY_SYNCED),
     )
     job.start()
 
@@ -68,6 +74,7 @@ def blockdev_mirror(ctx: Context, args: dict) -> dict:
     graph = ctx.daemon.graph
     source = graph.lookup_root(args["device"])
     target = graph.lookup(args["target"])
+    graph.graph_changes("aio-context")     # bdrv_try_change_aio_context(target)
     start_mirror(ctx, source, target, args, zero_target=(args["sync"] == "full"))
     return {}
 
@@ -90,7 +97,7 @@ def open_target_file(ctx: Context, source: Any, args: dict, *,
         from qmpjobd.block.jobs.create import check_not_in_use, create_file
 
         check_not_in_use(ctx.daemon.graph, filename)
-        create_file(filename, source.size)
+        create_file(filename, source.size, policy=ctx.daemon.graph.path_policy)
     elif fmt is not None and fmt not in ("raw", "file"):
         raise QMPError(f"Driver '{fmt}' is not supported by qmpjobd")
     options: dict = {"driver": fmt or "raw", **(extra_options or {})}
@@ -111,10 +118,27 @@ def drive_mirror(ctx: Context, args: dict) -> dict:
         raise QMPError("a node-name must be provided when replacing a named node of the graph")
     target, created = open_target_file(ctx, source, args)
     try:
+        graph.graph_changes("aio-context")     # bdrv_try_change_aio_context(target)
         # A new image reads as zeroes already; an existing one must be overwritten.
         start_mirror(ctx, source, target, args,
-                     zero_target=(args["sync"] == "full" and not created))
+                     zero_target=(args["sync"] == "full" and not created),
+                     source_backing_chain=(args.get("mode", "absolute-paths")
+                                           == "absolute-paths"))
     except BaseException:
         graph.release_implicit(target)
         raise
+    return {}
+
+
+@command("block-job-change")
+def block_job_change(ctx: Context, args: dict) -> dict:
+    """Only mirror can change (its copy mode). QEMU reads the options through the
+    union branch that ``type`` names, not the job's real type: on a mirror, any
+    other ``type`` reads as copy mode ``background``."""
+    job = ctx.daemon.jobs.find_block_job(args["id"])
+    check_verb(job, JobVerb.CHANGE)
+    change = getattr(job, "change_copy_mode", None)
+    if change is None:
+        raise QMPError("Job type does not support change")
+    change(args["copy-mode"] if args["type"] == "mirror" else "background")
     return {}

@@ -20,7 +20,7 @@ SUPPORTED_VERSIONS = ("7.2", "10.0", "11.1")
 DEFAULT_VERSION = "7.2"
 # The versions the conformance suite plays every scenario against. The lead
 # widens this to SUPPORTED_VERSIONS once qmpjobd has the personalities.
-CONFORMANCE_VERSIONS: tuple[str, ...] = ("7.2",)
+CONFORMANCE_VERSIONS: tuple[str, ...] = SUPPORTED_VERSIONS
 # Whether qmpjobd is given `--qemu-version V` in the conformance suite. False
 # while qmpjobd has no such option (it is then always 7.2); switch it together
 # with CONFORMANCE_VERSIONS.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qmpjobd.block.bitmap import ClusterBitmap
 from qmpjobd.block.offload import copy_range, failed_on_read
@@ -61,6 +61,12 @@ def target_cluster_size(target: "BlockNode") -> int:
     if isinstance(reported, int) and reported > 0:
         return max(CLUSTER_SIZE_DEFAULT, reported)
     return CLUSTER_SIZE_DEFAULT
+
+
+def target_knows_block_size(target: "BlockNode") -> bool:
+    """Whether QEMU's bdrv_get_info() works on the target: file-backed nodes
+    answer it (the same test decides ``dirty-flag`` in queries), null-co does not."""
+    return target.has_dirty_flag()
 
 
 def is_allocated(node: "BlockNode", offset: int, length: int) -> tuple[bool, int]:
@@ -149,7 +155,7 @@ class BackupJob(BlockJob):
     """``blockdev-backup`` / ``drive-backup`` job (type ``backup``)."""
 
     __slots__ = ("source", "target", "sync", "on_source_error", "on_target_error", "perf",
-                 "cluster_size", "length", "dirty", "_in_flight_bytes")
+                 "cluster_size", "length", "dirty", "_in_flight_bytes", "discard_source")
 
     job_type = "backup"
 
@@ -158,11 +164,17 @@ class BackupJob(BlockJob):
                  speed: int = 0, on_source_error: str = "report",
                  on_target_error: str = "report", auto_finalize: bool = True,
                  auto_dismiss: bool = True, txn: JobTxn | None = None,
-                 perf: BackupPerf | None = None, compress: bool = False) -> None:
+                 perf: BackupPerf | None = None, compress: bool = False,
+                 discard_source: bool = False,
+                 warn_block_size: "Callable[[int], None] | None" = None) -> None:
         """QEMU's backup_job_create, from its first check to the attached job."""
         perf = perf or BackupPerf()
         check_backup_nodes(source, target, compress, perf)
+        check_filter_attach(source, target)
         cluster_size = target_cluster_size(target)
+        if warn_block_size is not None and not target_knows_block_size(target):
+            # QEMU's warn_report when bdrv_get_info() of the target fails.
+            warn_block_size(cluster_size)
         if perf.max_chunk and perf.max_chunk < cluster_size:
             raise QMPError(f"Required max-chunk ({perf.max_chunk}) is less than backup "
                            f"cluster size ({cluster_size})")
@@ -177,17 +189,40 @@ class BackupJob(BlockJob):
         self.length = source.size
         self.dirty = DirtyClusters(self.length, cluster_size)
         self._in_flight_bytes = 0
+        # discard-source: give each copied range back to the source (it reaches
+        # the image only on a node opened with discard=unmap, as in QEMU).
+        self.discard_source = discard_source
         # The job sits on the copy-before-write filter above the source in QEMU, so
         # draining the source pauses it but the source itself is not blocked.
-        super().__init__(manager, job_id, source, block_main=False, speed=speed,
-                         auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, txn=txn)
-        self.attach_node(target, block=True)
+        graph = source.graph
+        # QEMU puts its copy-before-write filter above the source first; qmpjobd has
+        # no such node, but makes the filter's graph changes here and at the end.
+        graph.graph_operation("cbw-insert")
+        try:
+            super().__init__(manager, job_id, source, block_main=False, speed=speed,
+                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
+                             txn=txn)
+            if discard_source and source.read_only:
+                # The filter wants write access to the source to discard it; QEMU
+                # finds out once the job exists (``created``, ``null``).
+                self.early_fail()
+                raise QMPError("Block node is read-only")
+        except BaseException:
+            graph.graph_operation("cbw-drop")
+            raise
+        with graph.graph_change("job-add-node"):
+            self.attach_node(target, block=True)
 
     # ------------------------------------------------------------------ hooks
 
     def on_speed_changed(self, speed: int) -> None:
         # A new limit applies at once: recompute the current rate-limit wait.
         self.wake(_RATE_WAIT)
+
+    def clean(self) -> None:
+        # backup_clean: the job's edges go, then the copy-before-write filter.
+        self.release_nodes_locked()
+        self.block_graph.graph_operation("cbw-drop")
 
     def release_run_state(self) -> None:
         super().release_run_state()
@@ -297,10 +332,33 @@ class BackupJob(BlockJob):
         self._in_flight_bytes -= length
         if failure is None:
             self.progress_update(length)
+            if self.discard_source:
+                await self._discard_source(offset, nbytes)
         else:
             pool.record_failure(*failure)
             self.dirty.set(offset, length, dirty=True)
         self.progress_set_remaining(self.dirty.dirty_bytes + self._in_flight_bytes)
+
+
+    async def _discard_source(self, offset: int, length: int) -> None:
+        # Best effort, as QEMU's block-copy: a failed discard fails nothing.
+        try:
+            await self.source.co_pdiscard(offset, length)
+        except OSError:
+            pass
+
+
+def check_filter_attach(source: "BlockNode", target: "BlockNode") -> None:
+    """The copy-before-write filter QEMU inserts takes the source as its ``file``
+    child and the target as its ``target`` child: an inactive node cannot be
+    either. QEMU names the filter by its generator; qmpjobd draws a name the same
+    way, only for this message."""
+    from qmpjobd.block.activation import check_child_attach
+
+    for role, node in (("file", source), ("target", target)):
+        if not node.active:
+            filter_name, _ = source.graph._claim_name(None)
+            check_child_attach(filter_name, role, node, prefix="Could not create node: ")
 
 
 def check_backup_nodes(source: "BlockNode", target: "BlockNode", compress: bool,

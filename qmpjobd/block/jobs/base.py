@@ -19,13 +19,16 @@ Hooks for drivers (mirror, commit, stream, backup) are those of ``Job`` plus
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from typing import TYPE_CHECKING, Any
 
 from qmpjobd.errors import QMPError
 from qmpjobd.job.job import Job, error_text_for
+from qmpjobd.job.faults import faults_of
 from qmpjobd.job.states import JobVerb, check_verb
 from qmpjobd.job.txn import JobTxn
+from qmpjobd.versions import Behaviour, personality as personality_named
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpjobd.block.node import BlockNode
@@ -36,6 +39,12 @@ NS_PER_SECOND = 1_000_000_000
 SLICE_NS = 100_000_000
 
 IO_STATUS_OK = "ok"
+
+# QEMU 8.1's block_job_ratelimit_sleep: a job woken before its rate-limit delay is
+# over (by a pause, say) sleeps again for the rest of it. Before, it went on at once,
+# so a rate-limited mirror resumed from a pause turned READY before the resume's reply.
+RATE_LIMIT_SURVIVES_EARLY_WAKE = Behaviour(
+    "a rate-limit sleep cut short sleeps again for the rest of the delay", since="8.1")
 
 
 class RateLimit:
@@ -79,6 +88,23 @@ class RateLimit:
         return self.slice_end - now_ns
 
 
+class _DetachedGraph:
+    """The graph of nodes that belong to no BlockGraph (stand-ins that embed the
+    job layer alone): it has no graph lock, so no graph change shows anything."""
+
+    personality = personality_named("7.2")
+
+    @staticmethod
+    def graph_change(change: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def graph_changes(self, *changes: str) -> None:
+        pass
+
+    def graph_operation(self, operation: str) -> None:
+        pass
+
+
 def error_action_for(policy: str, error: int) -> str:
     """BlockdevOnError policy + errno -> BlockErrorAction (job-lifecycle.md 5.10)."""
     if policy in ("enospc", "auto"):
@@ -91,7 +117,7 @@ def error_action_for(policy: str, error: int) -> str:
 class BlockJob(Job):
     """A job that works on block nodes and speaks the BLOCK_JOB_* events."""
 
-    __slots__ = ("speed", "iostatus", "rate_limit", "attached_nodes")
+    __slots__ = ("speed", "iostatus", "rate_limit", "attached_nodes", "block_graph")
 
     is_block_job = True
 
@@ -104,13 +130,18 @@ class BlockJob(Job):
         A negative speed fails here after ``created`` was announced: the job is
         dismissed at once (``created, null``) and the QMPError propagates.
         """
-        super().__init__(manager, job_id, auto_finalize=auto_finalize,
-                         auto_dismiss=auto_dismiss, txn=txn)
-        self.speed = 0
-        self.iostatus = IO_STATUS_OK
-        self.rate_limit = RateLimit()
-        self.attached_nodes: tuple["BlockNode", ...] = ()
-        self.attach_node(main_node, block=block_main)
+        # The graph lock covers job_create and the main node's edge, not the speed:
+        # a bad speed's ``null`` comes after the section (QEMU 10.1+ shows it).
+        # The graph of the job's nodes: graph changes of the job go through it.
+        self.block_graph = getattr(main_node, "graph", None) or _DetachedGraph()
+        with self.block_graph.graph_change("job-create"):
+            super().__init__(manager, job_id, auto_finalize=auto_finalize,
+                             auto_dismiss=auto_dismiss, txn=txn)
+            self.speed = 0
+            self.iostatus = IO_STATUS_OK
+            self.rate_limit = RateLimit()
+            self.attached_nodes: tuple["BlockNode", ...] = ()
+            self.attach_node(main_node, block=block_main)
         try:
             self.set_speed(speed)
         except QMPError:
@@ -136,6 +167,12 @@ class BlockJob(Job):
         for node in reversed(nodes):
             node.remove_job_user(self)
 
+    def release_nodes_locked(self) -> None:
+        """block_job_remove_all_bdrv: release_nodes() under the graph lock (a section
+        even when nothing is attached any more, as at block_job_free)."""
+        with self.block_graph.graph_change("job-remove-nodes"):
+            self.release_nodes()
+
     def clean(self) -> None:
         self.release_nodes()
 
@@ -147,8 +184,14 @@ class BlockJob(Job):
         """
         return self.busy and not self.is_completed
 
+    def fault_node(self, is_read: bool) -> "BlockNode | None":
+        """Where a test-control I/O fault fails this job's requests: reads of its
+        source, writes to its target (the drivers' ``source``/``target``)."""
+        return getattr(self, "source" if is_read else "target", None)
+
     def on_free(self) -> None:
-        self.release_nodes()
+        # block_job_free, after ``null``.
+        self.release_nodes_locked()
 
     def release_run_state(self) -> None:
         super().release_run_state()
@@ -174,6 +217,22 @@ class BlockJob(Job):
         # Only a job asleep on its own timer is woken early.
         self.enter_cond(lambda: self.sleep_timer_pending)
 
+    async def ratelimit_sleep(self, delay_ns: int) -> None:
+        """Sleep ``delay_ns`` for the rate limit (QEMU's block_job_ratelimit_sleep).
+
+        Where the personality has RATE_LIMIT_SURVIVES_EARLY_WAKE, a sleep cut short
+        (pause, speed change) is followed by another for whatever the limit still
+        asks, recomputed each time because the speed may have changed meanwhile.
+        """
+        await self.sleep_ns(delay_ns)
+        if not self.block_graph.personality.has(RATE_LIMIT_SURVIVES_EARLY_WAKE):
+            return
+        while not self.is_cancelled:
+            delay_ns = self.ratelimit_delay_ns(0)
+            if delay_ns <= 0:
+                return
+            await self.sleep_ns(delay_ns)
+
     def ratelimit_delay_ns(self, nbytes: int) -> int:
         """Account ``nbytes`` copied; how long to sleep before copying more."""
         if not self.speed:
@@ -189,6 +248,11 @@ class BlockJob(Job):
         (unless already user-paused) and io-status records the error; the driver
         must then pass a pause point and retry the request once resumed.
         """
+        faults = faults_of(self)
+        if faults is not None and faults.fails_silently(self):
+            # Test controls: a run fault without iotype fails the job without
+            # asking its policy (the error is the job's, not an I/O error's).
+            return "report"
         action = error_action_for(policy, error)
         if self.id is not None:
             self.emit("BLOCK_JOB_ERROR", {

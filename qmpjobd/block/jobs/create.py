@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 from typing import TYPE_CHECKING
 
+from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
 from qmpjobd.job.job import Job
 
@@ -71,7 +73,7 @@ async def create_file_in_pool(graph: "BlockGraph", options: dict) -> None:
     the thread pool (so a successful create completes after the reply)."""
     filename = options["filename"]
     check_not_in_use(graph, filename)
-    fd = open_for_create(filename)
+    fd = open_for_create(filename, graph.path_policy)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, resize_and_close, fd, options["size"],
                                options.get("preallocation", "off"))
@@ -81,8 +83,10 @@ def check_not_in_use(graph: "BlockGraph", filename: str) -> None:
     """Refuse to rewrite a file that a running job reads or writes through a node.
 
     QEMU would take image locks here; qmpjobd's rule is simpler and stricter: a file
-    in use by a job is never truncated.
+    in use by a job is never truncated. Also refuses a path outside ``--allow-dir``
+    first, so that nothing outside is even looked at.
     """
+    graph.path_policy.check_create(filename)
     try:
         wanted = os.stat(filename)
     except OSError:
@@ -98,18 +102,63 @@ def check_not_in_use(graph: "BlockGraph", filename: str) -> None:
 
 
 def create_file(filename: str, size: int, preallocation: str = "off",
-                nocow: bool = False) -> None:
-    """file-posix's create: open (creating), empty, then grow to ``size``.
+                nocow: bool = False, *, policy: PathPolicy | None = None) -> None:
+    """The image creation of drive-mirror/drive-backup: open (creating), empty, then
+    grow to ``size``.
 
     ``preallocation`` off (sparse), falloc (posix_fallocate) or full (zeroes
-    written). Raises QMPError with QEMU's texts.
+    written). Raises QMPError with QEMU's texts. ``policy`` confines the path
+    (``check_not_in_use`` with the graph checks it beforehand when none is given).
+
+    A character or block device is not truncated: like QEMU, which picks its
+    ``host_device`` protocol for such a name, it only has to be large enough.
     """
-    resize_and_close(open_for_create(filename), size, preallocation)
+    policy = policy or PathPolicy()
+    if is_device(filename):
+        check_device_size(filename, size, policy)
+        return
+    resize_and_close(open_for_create(filename, policy), size, preallocation)
 
 
-def open_for_create(filename: str) -> int:
+def is_device(filename: str) -> bool:
     try:
-        return os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        mode = os.stat(filename).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def check_device_size(filename: str, size: int, policy: PathPolicy) -> None:
+    """QEMU's create on a host device (open it, then a non-exact resize): nothing is
+    written, the device only has to hold ``size`` bytes."""
+    try:
+        fd = policy.open(filename, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise QMPError(f"Could not open '{filename}': {os.strerror(exc.errno)}") from None
+    try:
+        if not is_device_fd(fd):
+            # Replaced between the stat and the open: refuse rather than guess.
+            raise QMPError(f"Could not open '{filename}': the file changed while opening")
+        if os.lseek(fd, 0, os.SEEK_END) < size:
+            raise QMPError("Cannot grow device files")
+    finally:
+        os.close(fd)
+
+
+def is_device_fd(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def open_for_create(filename: str, policy: PathPolicy | None = None) -> int:
+    """Open (creating) an image for writing under ``policy``.
+
+    O_NONBLOCK: a FIFO or terminal given as an image never blocks the event loop;
+    its failure comes from the truncation that follows, as in QEMU.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        return (policy or PathPolicy()).open(filename, flags, 0o644, create=True)
     except OSError as exc:
         raise QMPError(f"Could not create '{filename}': {os.strerror(exc.errno)}") from None
 

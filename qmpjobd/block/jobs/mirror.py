@@ -60,6 +60,8 @@ DEFAULT_BUF_SIZE = MAX_IN_FLIGHT * MAX_IO_BYTES
 DEFAULT_GRANULARITY = 64 * KiB
 GRANULARITY_MIN = 512
 GRANULARITY_MAX = 64 * MiB
+# How often QEMU's READY mirror wakes up when it has nothing to do (one slice).
+READY_POLL_NS = 100_000_000
 
 
 def check_granularity(granularity: int) -> None:
@@ -119,7 +121,9 @@ class MirrorJob(BlockJob):
                  "granularity", "buf_size", "max_io_bytes", "on_source_error",
                  "on_target_error", "length", "dirty", "should_complete", "synced",
                  "failure_ret", "_ops", "_bytes_in_flight", "_ops_changed",
-                 "_source_drained", "_in_drain", "_errors_seen", "filter")
+                 "_source_drained", "_in_drain", "_errors_seen", "filter",
+                 "source_backing_chain", "copy_mode", "actively_synced",
+                 "reports_actively_synced", "target_is_zero")
 
     job_type = "mirror"
     can_complete = True
@@ -130,7 +134,9 @@ class MirrorJob(BlockJob):
                  buf_size: int = 0, on_source_error: str = "report",
                  on_target_error: str = "report", auto_finalize: bool = True,
                  auto_dismiss: bool = True, filter_node_name: str | None = None,
-                 zero_target: bool = True) -> None:
+                 zero_target: bool = True, source_backing_chain: bool = False,
+                 copy_mode: str = "background", target_is_zero: bool = False,
+                 reports_actively_synced: bool = False) -> None:
         """QEMU's mirror_start_job, from the buf-size check to the attached target."""
         if buf_size < 0:
             raise QMPError("Invalid parameter 'buf-size'")
@@ -160,6 +166,16 @@ class MirrorJob(BlockJob):
         self._source_drained = False
         self._in_drain = False            # QEMU's in_drain: run() is draining the source
         self._errors_seen = False
+        # QEMU's MIRROR_SOURCE_BACKING_CHAIN (drive-mirror, absolute-paths): only
+        # the graph changes at the job's end depend on it.
+        self.source_backing_chain = source_backing_chain
+        # MirrorCopyMode; write-blocking becomes actively synced once in sync.
+        self.copy_mode = copy_mode
+        self.actively_synced = False
+        # query-block-jobs shows actively-synced (a personality decision).
+        self.reports_actively_synced = reports_actively_synced
+        # The caller promises the target reads as zeroes: never write zeroes.
+        self.target_is_zero = target_is_zero
         self.filter = graph.insert_filter(MirrorTopNode, filter_node_name, source)
         try:
             super().__init__(manager, job_id, self.filter, block_main=True, speed=speed,
@@ -168,13 +184,17 @@ class MirrorJob(BlockJob):
             graph.drop_filter(self.filter)
             raise
         try:
+            graph.graph_changes("backend-insert")         # the job's target BlockBackend
             if target.read_only:
                 raise QMPError("Block node is read-only")
-            self.attach_node(target, block=True)
-            target.backend_users.append(self)
-            self.attach_node(source, block=True)
+            if not target.active:
+                raise QMPError("Permission 'write' unavailable on inactive node")
+            with graph.graph_change("job-add-node"):
+                self.attach_node(target, block=True)
+                target.backend_users.append(self)
+                self.attach_node(source, block=True)
         except QMPError:
-            self._exit_common()
+            self._exit_common(abort=True)
             self.early_fail()
             raise
         source.dirty_bitmaps.append(self._bitmap_info)
@@ -208,14 +228,11 @@ class MirrorJob(BlockJob):
         await self._wait_for_all_ops()
 
     def prepare(self) -> int:
-        pivot = self.should_complete and not self.is_cancelled
-        if pivot:
-            self.graph.replace_node(self.replaces, self.target, keep=self.filter)
-        self._exit_common()
+        self._exit_common(pivot=self.should_complete and not self.is_cancelled)
         return 0
 
     def abort(self) -> None:
-        self._exit_common()
+        self._exit_common(abort=True)
 
     def clean(self) -> None:
         self._exit_common()
@@ -227,6 +244,7 @@ class MirrorJob(BlockJob):
 
     def on_free(self) -> None:
         self.clean()
+        super().on_free()
 
     def release_run_state(self) -> None:
         super().release_run_state()
@@ -281,6 +299,8 @@ class MirrorJob(BlockJob):
                         continue
                     self.synced = True
                     self.ready()
+                if self.copy_mode != "background":
+                    self.actively_synced = True
                 should_complete = self.should_complete or self.cancel_requested
             if should_complete and not self.dirty.dirty_chunks:
                 return 0
@@ -289,7 +309,7 @@ class MirrorJob(BlockJob):
                 # In sync and idle: wait for complete, cancel or pause.
                 await self.yield_()
             elif delay_ns:
-                await self.sleep_ns(delay_ns)
+                await self.ratelimit_sleep(delay_ns)
             elif self._errors_seen:
                 # A failing request is retried; give the loop a turn in between.
                 self._errors_seen = False
@@ -306,10 +326,12 @@ class MirrorJob(BlockJob):
 
     async def _dirty_init(self) -> None:
         """QEMU's mirror_dirty_init for full/top sync without backing files."""
-        if self.zero_target and not self.target.can_write_zeroes_with_unmap():
+        # target-is-zero: the target already reads as zeroes, nothing to clear.
+        zero_target = self.zero_target and not self.target_is_zero
+        if zero_target and not self.target.can_write_zeroes_with_unmap():
             self.dirty.set(0, self.length, dirty=True)
             return
-        if self.zero_target:
+        if zero_target:
             await self._zero_whole_target()
         offset = 0
         while offset < self.length:
@@ -414,6 +436,10 @@ class MirrorJob(BlockJob):
             self.failure_ret = -error
 
     async def _write_zeroes(self, offset: int, length: int) -> None:
+        if self.target_is_zero:
+            # Known zero (the user said so, and a mirror's target has no other
+            # writer): QEMU skips the request altogether.
+            return
         kind, count = self.target.block_status(offset, length)
         if kind == "zero" and count >= length:
             # Nothing to change, but QEMU still sends the request down the chain.
@@ -436,13 +462,55 @@ class MirrorJob(BlockJob):
 
     # ------------------------------------------------------------------ exit
 
-    def _exit_common(self) -> None:
-        """Drop the filter and end the exit drain (idempotent)."""
+    # ------------------------------------------------------------------ change
+
+    def change_copy_mode(self, copy_mode: str) -> None:
+        """block-job-change for a mirror: only background -> write-blocking exists.
+
+        Like QEMU, the new mode takes effect at the job's next loop turn; a READY
+        mirror idles in 100 ms sleeps there, so actively-synced turns true up to a
+        slice after the reply, which a waker models here.
+        """
+        if copy_mode == self.copy_mode:
+            return
+        if copy_mode != "write-blocking":
+            raise QMPError(f"Change to copy mode '{copy_mode}' is not implemented")
+        self.copy_mode = copy_mode
+        if self.synced:
+            self.clock.call_later_ns(READY_POLL_NS, self._wake_if_idle)
+
+    def _wake_if_idle(self) -> None:
+        # Only the READY idle wait: a paused job takes the new mode after resuming.
+        self.enter_cond(lambda: self.status.value == "ready" and not self.paused)
+
+    def block_job_info(self) -> dict:
+        info = super().block_job_info()
+        if self.reports_actively_synced:
+            # The mirror branch of the BlockJobInfo union, after the base members.
+            info["actively-synced"] = self.actively_synced
+        return info
+
+    def _exit_common(self, *, pivot: bool = False, abort: bool = False) -> None:
+        """mirror_exit_common: pivot if asked, drop the filter and end the exit
+        drain (idempotent: only the first call does anything)."""
+        if self.filter.node_name in self.graph.nodes:
+            self._exit_graph_changes(pivot=pivot, abort=abort)
         if self._source_drained:
             self._source_drained = False
             self.graph.drained_end([self.source])
         if self.filter.node_name in self.graph.nodes:
             self.graph.drop_filter(self.filter)
+
+    def _exit_graph_changes(self, *, pivot: bool, abort: bool) -> None:
+        """The graph changes of mirror_exit_common before the filter goes, in QEMU's
+        order (the filter's own follow in drop_filter; the job's edges are released
+        in clean())."""
+        self.graph.graph_changes("backend-remove")         # blk_unref(s->target)
+        if self.source_backing_chain and not abort:
+            self.graph.graph_changes("mirror-source-backing")
+        if pivot:
+            self.graph.replace_node(self.replaces, self.target, keep=self.filter)
+        self.graph.graph_changes("job-remove-nodes")
 
     def _bitmap_info(self) -> dict:
         """BlockDirtyInfo of the job's bitmap on the source (QAPI declaration order)."""
