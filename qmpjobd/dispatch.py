@@ -15,7 +15,10 @@ the reply is written. What those bottom halves schedule runs after the reply.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from qmpjobd.commands import Context, Handler
 from qmpjobd.daemon import Daemon
@@ -25,6 +28,83 @@ from qmpjobd.wire.session import Request, Session
 log = logging.getLogger(__name__)
 
 NEGOTIATION_COMMAND = "qmp_capabilities"
+NS_PER_MS = 1_000_000
+
+
+class ReplyTarget(Protocol):
+    """What a reply gate needs of a connection (server.Connection)."""
+
+    closed: bool
+
+    def queue(self, data: bytes) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass
+class _HeldReply:
+    message: bytes
+    released: bool = False
+
+
+class ReplyGate:
+    """x-qmpjobd-reply-delay on one connection: the replies to its next ``count``
+    commands are held for ``delay_ns`` of the daemon's clock, or dropped.
+
+    Commands still run in order as they arrive (so do their events); only their
+    replies wait. A reply never overtakes an earlier one of the same connection:
+    while a held reply is out, later replies queue behind it.
+    """
+
+    def __init__(self, target: ReplyTarget, clock: Any) -> None:
+        self.target = target
+        self.clock = clock
+        self.held: deque[_HeldReply] = deque()
+        self.remaining = 0
+        self.delay_ns = 0
+        self.drop = False
+        # The reply of the command that armed the gate is not one of "the next".
+        self.skip_next = False
+
+    def arm(self, count: int, delay_ns: int, drop: bool) -> None:
+        self.remaining, self.delay_ns, self.drop = count, delay_ns, drop
+        self.skip_next = True
+
+    @property
+    def idle(self) -> bool:
+        return not self.remaining and not self.held
+
+    def deliver(self, message: bytes) -> None:
+        if self.skip_next:
+            self.skip_next = False
+            self._in_order(_HeldReply(message, released=True))
+            return
+        if self.remaining:
+            self.remaining -= 1
+            if self.drop:
+                return
+            held = _HeldReply(message)
+            self._in_order(held)
+            self.clock.call_later_ns(self.delay_ns, lambda: self._release(held))
+            return
+        self._in_order(_HeldReply(message, released=True))
+
+    def _in_order(self, reply: _HeldReply) -> None:
+        self.held.append(reply)
+        self._send_released()
+
+    def _release(self, reply: _HeldReply) -> None:
+        reply.released = True
+        if self._send_released():
+            # Outside a command (a timer): nothing else would flush it.
+            self.target.flush()
+
+    def _send_released(self) -> bool:
+        sent = False
+        while self.held and self.held[0].released:
+            self.target.queue(self.held.popleft().message)
+            sent = True
+        return sent
 
 
 class Dispatcher:
@@ -35,6 +115,25 @@ class Dispatcher:
         self.schema = daemon.schema
         # Only commands that both the schema declares and a handler implements.
         self.handlers = {n: h for n, h in handlers.items() if n in self.schema.commands}
+        # Connections whose replies are delayed or dropped (test controls).
+        self.reply_gates: "weakref.WeakKeyDictionary[Any, ReplyGate]" = weakref.WeakKeyDictionary()
+
+    def deliver(self, connection: Any, message: bytes) -> None:
+        """Queue a reply on ``connection``, unless a reply gate holds it back."""
+        gate = self.reply_gates.get(connection)
+        if gate is None:
+            connection.queue(message)
+            return
+        gate.deliver(message)
+        if gate.idle:
+            del self.reply_gates[connection]
+
+    def delay_replies(self, connection: Any, count: int, delay_ns: int, drop: bool) -> None:
+        """Hold back (or drop) the replies to ``connection``'s next ``count`` commands."""
+        gate = self.reply_gates.get(connection)
+        if gate is None:
+            gate = self.reply_gates[connection] = ReplyGate(connection, self.daemon.clock)
+        gate.arm(count, delay_ns, drop)
 
     def handle(self, session: Session, item: Any, connection: Any = None) -> dict:
         """Turn one parsed item (value or parse error) into the reply to send."""

@@ -33,6 +33,9 @@ MODULES = (
     "block_export",
     "char",
     "qom",
+    # The test controls: always registered, but reachable only in a daemon whose
+    # schema has them (--test-controls loads schema/qapi-schema-testing.json).
+    "testing",
 )
 
 

@@ -13,6 +13,8 @@ import itertools
 from abc import ABC, abstractmethod
 from typing import Callable
 
+from qmpjobd.job.coroutine import Reschedule
+
 NS_PER_SECOND = 1_000_000_000
 
 
@@ -112,13 +114,26 @@ class VirtualClock(Clock):
 
     Futures from ``sleep_ns`` belong to ``loop`` (their done-callbacks run when that
     loop runs), so tests that await them must give the loop a turn after advancing.
+
+    With ``wake_synchronously`` (the daemon's ``--clock virtual``), ``sleep_ns`` is
+    awaited by job coroutines only and resumes them from the timer itself, inside
+    ``advance``: whatever a clock step sets going has happened when the step
+    returns, so a command issued after a step sees the same state on every run.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, start_ns: int = 0) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, start_ns: int = 0,
+                 wake_synchronously: bool = False) -> None:
         self._now = start_ns
         self._loop = loop
         self._timers: list[tuple[int, int, _VirtualTimer]] = []
         self._sequence = itertools.count()
+        self.wake_synchronously = wake_synchronously
+
+    def sleep_ns(self, ns: int):  # type: ignore[override]
+        if not self.wake_synchronously:
+            return super().sleep_ns(ns)
+        # A Reschedule: the coroutine runner hands us its resume callback.
+        return Reschedule(lambda resume: self.call_later_ns(ns, resume))
 
     def now_ns(self) -> int:
         return self._now
@@ -133,8 +148,16 @@ class VirtualClock(Clock):
         self._drop_dead_timers()
         return self._timers[0][0] if self._timers else None
 
-    def advance(self, ns: int) -> None:
-        """Move time forward by ``ns``, firing every timer that falls due, in order."""
+    @property
+    def pending_timers(self) -> int:
+        return sum(1 for _, _, timer in self._timers if timer.pending)
+
+    def advance(self, ns: int, settle: Callable[[], None] | None = None) -> None:
+        """Move time forward by ``ns``, firing every timer that falls due, in order.
+
+        ``settle`` runs after each timer (the daemon runs its main-loop bottom
+        halves there), so work a timer schedules happens at that timer's time.
+        """
         target = self._now + ns
         while True:
             deadline = self.next_deadline()
@@ -144,7 +167,24 @@ class VirtualClock(Clock):
             self._now = max(self._now, timer.deadline)
             timer.fired = True
             timer.fn()
+            if settle is not None:
+                settle()
         self._now = target
+
+    def advance_until_idle(self, settle: Callable[[], None] | None = None,
+                           limit: int = 1_000_000) -> int:
+        """Jump from timer to timer (settling after each) until none is pending;
+        returns how many fired. RuntimeError when ``limit`` timers did not do."""
+        fired = 0
+        if settle is not None:
+            settle()
+        while fired < limit:
+            deadline = self.next_deadline()
+            if deadline is None:
+                return fired
+            self.advance(deadline - self._now, settle)
+            fired += 1
+        raise RuntimeError(f"virtual clock: still not idle after {limit} timers")
 
     def run_timers(self, limit: int = 1_000_000) -> int:
         """Jump from timer to timer until none is left; returns how many fired."""

@@ -107,7 +107,13 @@ class CoroutineRunner:
             self._waiting.remove_done_callback(self._on_future_done)
             self._waiting = None
         self.finished = True
-        self._coro.close()
+        try:
+            self._coro.close()
+        except RuntimeError:
+            # The coroutine awaited inside a ``finally`` (a job's clean-up waits for
+            # its in-flight requests): Python refuses that during close. The job is
+            # abandoned either way; nothing more can run for it.
+            pass
 
     # -- internals ----------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from qmpjobd.errors import QMPError
 from qmpjobd.job.clock import Timer
 from qmpjobd.job.coroutine import CoroutineRunner, park
+from qmpjobd.job.faults import faults_of
 from qmpjobd.job.states import (
     COMPLETED_STATUSES,
     READY_STATUSES,
@@ -49,6 +50,7 @@ from qmpjobd.job.states import (
     JobVerb,
     check_verb,
     transition,
+    verb_allowed,
 )
 from qmpjobd.job.txn import JobTxn
 
@@ -111,6 +113,9 @@ class Job:
         transition(self, JobStatus.CREATED)
         manager.add(self)
         (txn if txn is not None else JobTxn()).add(self)
+        faults = faults_of(self)
+        if faults is not None:   # test controls: bind faults and holds armed by id/type
+            faults.job_created(self)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r} {self.status.value}>"
@@ -209,6 +214,9 @@ class Job:
 
     def progress_update(self, done: int) -> None:
         self.progress_current += done
+        faults = faults_of(self)
+        if faults is not None:   # test controls: a run fault due at this progress
+            faults.progress(self)
 
     def progress_set_remaining(self, remaining: int) -> None:
         self.progress_total = self.progress_current + remaining
@@ -224,11 +232,17 @@ class Job:
         self.busy = True
         self.paused = False
         transition(self, JobStatus.RUNNING)
+        faults = faults_of(self)
+        if faults is not None:   # test controls: the run phase begins
+            faults.job_started(self)
         self._runner.enter()
 
     async def _co_entry(self) -> None:
         await self.pause_point()
         self.ret = await self._run_catching_errors()
+        faults = faults_of(self)
+        if faults is not None:   # test controls: a run fault decides the outcome
+            faults.run_finished(self)
         self.deferred = True
         self.busy = True
         self.manager.defer(self._exit)
@@ -311,6 +325,9 @@ class Job:
             await self._do_yield(None)
             self.paused = False
             transition(self, kept)
+            faults = faults_of(self)
+            if faults is not None:   # test controls: a hold released while paused
+                faults.job_resumed(self)
         await self.on_resume()
 
     async def sleep_ns(self, ns: int) -> None:
@@ -333,8 +350,21 @@ class Job:
 
     def ready(self) -> None:
         """The job converged (mirror, active commit): READY, then BLOCK_JOB_READY."""
+        faults = faults_of(self)
+        if faults is not None and faults.hold(self, JobStatus.READY, self._released_before_ready):
+            return
         transition(self, JobStatus.READY)
         self.on_ready_event()
+
+    def _released_before_ready(self) -> None:
+        """A hold before READY was released (test controls): a paused job turns
+        READY once it runs again, a job that went on to fail never does."""
+        if self.status == JobStatus.RUNNING:
+            self.ready()
+        elif self.status == JobStatus.PAUSED:
+            faults = faults_of(self)
+            assert faults is not None
+            faults.after_pause[self] = self._released_before_ready
 
     # ------------------------------------------------------------------ pause / resume
 
@@ -390,6 +420,14 @@ class Job:
 
     def cancel(self, force: bool) -> None:
         """QEMU's job_cancel (after the command's checks)."""
+        faults = faults_of(self)
+        if faults is not None and faults.is_held(self):
+            # Test controls: a held job goes on first, and the cancel then acts
+            # on where it stands, unless it has finished meanwhile.
+            faults.release_reached(self)
+            if self.status in (JobStatus.CONCLUDED, JobStatus.NULL) or not verb_allowed(
+                    JobVerb.CANCEL, self.status):
+                return
         if self.status == JobStatus.CONCLUDED:
             self._do_dismiss()
             return
@@ -439,6 +477,11 @@ class Job:
         """Bottom half after run() returned (QEMU's job_exit)."""
         txn = self.txn
         self.busy = False
+        faults = faults_of(self)
+        if faults is not None:   # test controls: a hold before waiting/aborting
+            after = JobStatus.ABORTING if self.ret or self.is_cancelled else JobStatus.WAITING
+            if faults.hold(self, after, self._exit):
+                return
         self._completed()
         if txn is not None:
             txn.member_exited(self)
@@ -466,7 +509,14 @@ class Job:
 
     def run_prepare(self) -> int:
         if self.ret == 0:
-            self.ret = self.prepare()
+            faults = faults_of(self)
+            fault = faults.prepare_fault(self) if faults is not None else None
+            if fault is not None:
+                # Test controls: the driver's prepare fails instead of running.
+                self.ret = -fault.errno
+                self.error = fault.message
+            else:
+                self.ret = self.prepare()
             self.update_rc()
         return self.ret
 
@@ -487,11 +537,16 @@ class Job:
     def finalize_single(self) -> None:
         assert self.is_completed and self.txn is not None
         self.update_rc()
+        faults = faults_of(self)
         if self.ret == 0:
             self.commit()
         else:
             self.abort()
+        if faults is not None:   # test controls: these steps cannot fail, only record
+            faults.callback_done(self, "commit" if self.ret == 0 else "abort")
         self.clean()
+        if faults is not None:
+            faults.callback_done(self, "clean")
         if self.started:
             if self.is_cancelled:
                 self.on_cancelled_event()
@@ -501,6 +556,9 @@ class Job:
         self._conclude()
 
     def _conclude(self) -> None:
+        faults = faults_of(self)
+        if faults is not None and faults.hold(self, JobStatus.CONCLUDED, self._conclude):
+            return
         transition(self, JobStatus.CONCLUDED)
         self.release_run_state()
         if self.auto_dismiss or not self.started:
@@ -514,6 +572,9 @@ class Job:
             self.txn.remove(self)
         transition(self, JobStatus.NULL)
         self.manager.remove(self)
+        faults = faults_of(self)
+        if faults is not None:
+            faults.job_freed(self)
         self.on_free()
 
     def early_fail(self) -> None:

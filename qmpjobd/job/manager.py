@@ -75,6 +75,9 @@ class JobManager:
         self.emit = emit
         self.clock = clock
         self.jobs: list["Job"] = []
+        # The test controls' armed faults and holds (qmpjobd.job.faults.FaultTable);
+        # None in a daemon without --test-controls, so the job core runs as ever.
+        self.faults: Any = None
         # QEMU's bh_list (scheduled, not yet taken by a pass) and bh_slice_list
         # (taken by a pass that has not finished them yet).
         self._queued: list[Callable[[], None]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from qmpjobd.job.faults import faults_of
 from qmpjobd.job.states import JobStatus, transition
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,12 +57,24 @@ class JobTxn:
         transition(job, JobStatus.WAITING)
         if any(not member.is_completed for member in self.jobs):
             return
+        self._all_finished(job)
+
+    def _all_finished(self, job: "Job") -> None:
+        faults = faults_of(job)
+        if faults is not None and faults.hold_group(self.jobs, JobStatus.PENDING,
+                                                    lambda: self._released_before_pending(job)):
+            return   # test controls: held before pending, the members stay waiting
         for member in list(self.jobs):
             assert member.ret == 0
             member.transition_to_pending()
         needs_manual_finalize = self._apply(lambda m: int(not m.auto_finalize))
         if not needs_manual_finalize:
             self.do_finalize(job)
+
+    def _released_before_pending(self, job: "Job") -> None:
+        # Unless something aborted the transaction while it was held.
+        if self.jobs and all(m.status == JobStatus.WAITING for m in self.jobs):
+            self._all_finished(job)
 
     def do_finalize(self, job: "Job") -> None:
         """Prepare every member; commit them all, or abort the whole transaction."""
