@@ -50,6 +50,6 @@ fuzz: $(STAMP)
 		mkdir -p build/fuzz/$$target; \
 		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
 		$(BIN)/python fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_SECONDS) \
-			-artifact_prefix=build/fuzz/ -print_final_stats=1 \
+			-max_len=16384 -artifact_prefix=build/fuzz/ -print_final_stats=1 \
 			build/fuzz/$$target fuzz/seeds/$$target || exit 1; \
 	done

@@ -13,19 +13,25 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from qmpjobd import __version__
 from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
 from qmpjobd.server import MonitorSpec
 from qmpjobd.versions import DEFAULT_VERSION, KNOWN_VERSIONS, UnknownVersion, personality
+
+if TYPE_CHECKING:
+    from qmpjobd.daemon import Daemon
+    from qmpjobd.qapi import Schema
+    from qmpjobd.server import Server
 
 # Lets a test that runs qmpjobd on a qemu-storage-daemon command line pick the release.
 QEMU_VERSION_ENV = "QMPJOBD_QEMU_VERSION"
@@ -34,6 +40,10 @@ log = logging.getLogger("qmpjobd")
 
 # qemu-storage-daemon options we recognise but do not implement.
 UNSUPPORTED_QSD_OPTIONS = ("--export", "--nbd-server", "--daemonize", "--trace", "-T")
+
+# ``qmpjobd check-commands FILE``: validate commands instead of running a daemon.
+# A subcommand only as the very first argument; every other argument is an option.
+CHECK_COMMANDS = "check-commands"
 
 ON_VALUES = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False, "n": False}
 
@@ -200,6 +210,10 @@ class Config:
     allowed_dirs: list[str] = field(default_factory=list)
     # The QEMU release to impersonate (qmpjobd.versions.KNOWN_VERSIONS).
     qemu_version: str = DEFAULT_VERSION
+    # --test-controls: the x-qmpjobd-* commands (faults, holds, clock steps).
+    test_controls: bool = False
+    # --clock: "real", or "virtual" (time moves only with x-qmpjobd-clock-step).
+    clock: str = "real"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable; default: no confinement, as QEMU)")
     p.add_argument("--qemu-version", metavar="|".join(KNOWN_VERSIONS),
                    help=f"the QEMU release to be (default: ${QEMU_VERSION_ENV} if set, else {DEFAULT_VERSION})")
+    p.add_argument("--test-controls", action="store_true",
+                   help="offer the x-qmpjobd-* test controls (faults, holds, reply delays, "
+                   "disconnects, clock steps); without it the daemon has QEMU's commands only")
+    p.add_argument("--clock", default="real", choices=["real", "virtual"],
+                   help="real (default), or virtual: every wait in the daemon waits on a clock "
+                   "that moves only with x-qmpjobd-clock-step (needs --test-controls)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                    help="event loop implementation (default: uvloop if installed, else asyncio)")
@@ -270,7 +290,11 @@ def parse_args(argv: list[str]) -> Config:
         log_level=ns.log_level, event_loop=ns.event_loop,
         shutdown_timeout=ns.shutdown_timeout, allowed_dirs=ns.allow_dir,
         qemu_version=choose_qemu_version(ns.qemu_version, os.environ.get(QEMU_VERSION_ENV)),
+        test_controls=ns.test_controls, clock=ns.clock,
     )
+    if config.clock == "virtual" and not config.test_controls:
+        # Nothing could move a virtual clock: every timed wait would last for ever.
+        raise UsageError("--clock virtual: needs --test-controls (x-qmpjobd-clock-step moves it)")
     chardevs: dict[str, Chardev] = {}
     for text in ns.chardev:
         dev = parse_chardev(text)
@@ -298,14 +322,8 @@ def parse_args(argv: list[str]) -> Config:
 
 
 def parse_blockdev(schema, text: str) -> dict:
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"invalid JSON: {exc}") from None
-        return schema.validate_type("BlockdevOptions", value)
-    return schema.parse_keyval("BlockdevOptions", text)
+    """--blockdev: blockdev-add's arguments, keyval or JSON (Schema.parse_keyval)."""
+    return schema.parse_keyval("BlockdevOptions", text.strip())
 
 
 def add_object(daemon, text: str) -> None:
@@ -435,13 +453,110 @@ def check_socket_paths(config: Config, allowed_dirs: list[str]) -> None:
                 raise UsageError(f"socket of '{spec.chardev_id}': {exc.desc}") from None
 
 
-async def run(config: Config) -> int:
+@dataclass
+class Running:
+    """A started daemon: its state and its listening server, in the current loop.
+
+    Built by ``start()``; the command line (``run``) and the embedding API
+    (``qmpjobd.testing.Daemon``) both drive one of these, so they wire the
+    daemon identically.
+    """
+
+    daemon: "Daemon"
+    server: "Server"
+
+    def request_stop(self) -> None:
+        """Begin the exit that ``quit`` and SIGTERM begin (idempotent)."""
+        self.server.shutdown()
+
+    async def wait_stopped(self) -> None:
+        """Until the daemon has stopped (quit, a signal or ``stop()``)."""
+        await self.server.serve_until_stopped()
+
+    async def stop(self) -> list:
+        """Exit as ``quit`` does and wait for it; the jobs that did not stop in
+        the grace period are returned (empty when all stopped)."""
+        self.request_stop()
+        await self.wait_stopped()
+        return list(self.server.abandoned_jobs)
+
+
+@functools.lru_cache(maxsize=None)
+def load_schema(version: str, test_controls: bool = False) -> "Schema":
+    """The schema view of one QEMU version, loaded once per process.
+
+    Parsing the QAPI files is most of a start-up's work; a Schema is read-only
+    once built, so the daemons one program embeds (a test suite starts many)
+    share it.
+    """
+    from qmpjobd.daemon import load_schema as load_schema_view
+
+    # With test controls the view has the x-qmpjobd-* commands too.
+    return load_schema_view(version, test_controls)
+
+
+def build_daemon(config: Config) -> "Daemon":
+    """The daemon's state as the command line describes it: schema of the chosen
+    QEMU version, options, --object and --blockdev (or --demo) nodes."""
+    from qmpjobd.daemon import Daemon, DaemonOptions, make_clock
+
+    options = DaemonOptions(drain_artefacts=config.drain_artefacts,
+                            max_output_bytes=config.max_output_bytes,
+                            allowed_dirs=tuple(config.allowed_dirs),
+                            test_controls=config.test_controls)
+    daemon = Daemon(schema=load_schema(config.qemu_version, config.test_controls),
+                    options=options, clock=make_clock(config.clock))
+    for text in config.objects:
+        add_object(daemon, text)
+    blockdevs = demo_blockdevs(config.demo_dir) if config.demo else []
+    blockdevs += config.blockdevs
+    for text in blockdevs:
+        try:
+            daemon.graph.add(parse_blockdev(daemon.schema, text))
+        except QMPError as exc:
+            raise UsageError(f"--blockdev {text}: {exc.desc}") from None
+    return daemon
+
+
+async def start(config: Config) -> Running:
+    """Build the daemon and listen on every monitor, in the running event loop.
+
+    Installs no signal handlers and writes no pid file (``run`` adds those for
+    the process), so an embedding program keeps control of both. On failure
+    nothing is left listening.
+    """
     from qmpjobd.commands import load_all
-    from qmpjobd.daemon import Daemon, DaemonOptions
     from qmpjobd.dispatch import Dispatcher
-    from qmpjobd.qapi import Schema
     from qmpjobd.server import Server
 
+    check_socket_paths(config, config.allowed_dirs)
+    daemon = build_daemon(config)
+    server = Server(daemon, Dispatcher(daemon, load_all()), config.monitors)
+    server.shutdown_grace_s = config.shutdown_timeout
+    # query-chardev also lists the chardevs that listen nowhere.
+    server.all_chardevs = config.chardevs
+    try:
+        await server.start()
+    except BaseException:
+        close_started_listeners(server)
+        raise
+    return Running(daemon, server)
+
+
+def close_started_listeners(server: "Server") -> None:
+    """Undo a start-up that failed part way: close the listeners that were
+    opened and remove only their socket files (a later path may be another
+    program's)."""
+    for listener in server.listeners:
+        listener.close()
+    for monitor in server.monitors:
+        if monitor.path is not None and monitor.chardev_id in server.listener_of:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(monitor.path)
+
+
+async def run(config: Config) -> int:
+    """The daemon as a process: signals, pid file, serve until told to stop."""
     loop = asyncio.get_running_loop()
     for signum in IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
@@ -449,35 +564,19 @@ async def run(config: Config) -> int:
     exit_requested = asyncio.Event()
     for signum in EXIT_SIGNALS:
         loop.add_signal_handler(signum, exit_requested.set)
+    # Checked before the pid file is taken, so a bad path touches nothing.
     check_socket_paths(config, config.allowed_dirs)
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     try:
-        options = DaemonOptions(drain_artefacts=config.drain_artefacts,
-                                max_output_bytes=config.max_output_bytes,
-                                allowed_dirs=tuple(config.allowed_dirs))
-        daemon = Daemon(schema=Schema.load(version=config.qemu_version), options=options)
-        for text in config.objects:
-            add_object(daemon, text)
-        blockdevs = demo_blockdevs(config.demo_dir) if config.demo else []
-        blockdevs += config.blockdevs
-        for text in blockdevs:
-            try:
-                daemon.graph.add(parse_blockdev(daemon.schema, text))
-            except QMPError as exc:
-                raise UsageError(f"--blockdev {text}: {exc.desc}") from None
-        server = Server(daemon, Dispatcher(daemon, load_all()), config.monitors)
-        server.shutdown_grace_s = config.shutdown_timeout
-        # query-chardev also lists the chardevs that listen nowhere.
-        server.all_chardevs = config.chardevs
-        await server.start()
+        running = await start(config)
         if pidfile is not None:
             pidfile.write_pid()
         for signum in EXIT_SIGNALS:
-            loop.add_signal_handler(signum, server.shutdown)
+            loop.add_signal_handler(signum, running.request_stop)
         if exit_requested.is_set():
-            server.shutdown()
-        await server.serve_until_stopped()
-        abandoned = bool(server.abandoned_jobs)
+            running.request_stop()
+        await running.wait_stopped()
+        abandoned = bool(running.server.abandoned_jobs)
     finally:
         if pidfile is not None:
             pidfile.remove()
@@ -518,6 +617,10 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CHECK_COMMANDS]:
+        # A tool, not the daemon: loaded only when asked for.
+        from qmpjobd.testing.schema_check import check_commands_main
+        return check_commands_main(argv[1:])
     try:
         config = parse_args(argv)
         if not any(monitor.frontend for monitor in config.monitors):

@@ -16,6 +16,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from ..errors import QMPError
+from ..wire.lexer import integer_literal
 from ..versions import ALL_SCHEMA_SYMBOLS, Personality, personality
 from .introspect import introspect
 from .jsonschema import derive
@@ -103,7 +104,9 @@ class Schema:
         scalar types, or JSON when *text* starts with ``{``."""
         if text.lstrip().startswith("{"):
             try:
-                value = json.loads(text)
+                # Integer literals as QEMU reads them (long ones become doubles),
+                # never CPython's digit-limit error.
+                value = json.loads(text, parse_int=integer_literal)
             except ValueError as exc:
                 raise QMPError(f"JSON parse error, {exc}") from None
             return self.validate_type(type_name, value)  # type: ignore[return-value]

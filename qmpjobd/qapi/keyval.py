@@ -36,6 +36,10 @@ def _put(cur: dict, frag: str, value: str | None, key_prefix: str) -> dict | str
     return new
 
 
+# QEMU's key fragment buffer (key_in_cur): fragments of 128 bytes or more are refused.
+_FRAGMENT_MAX = 128
+
+
 def _parse_one(root: dict, text: str, pos: int, implied_key: str | None) -> int:
     end = pos
     while end < len(text) and text[end] not in "=,":
@@ -48,6 +52,11 @@ def _parse_one(root: dict, text: str, pos: int, implied_key: str | None) -> int:
         if not flen or (kpos + flen < len(key) and key[kpos + flen] != "."):
             raise QMPError(f"Invalid parameter '{key}'")
         frag = key[kpos:kpos + flen]
+        if len(frag.encode()) >= _FRAGMENT_MAX:
+            # QEMU copies each fragment into a 128-byte buffer; a fragment that is
+            # not the whole key is called one.
+            whole = kpos == 0 and flen == len(key)
+            raise QMPError(f"Parameter{'' if whole else ' fragment'} '{frag}' is too long")
         kpos += flen
         if kpos >= len(key):
             break

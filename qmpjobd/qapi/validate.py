@@ -69,12 +69,21 @@ def _value_error(what: str, expected: str) -> QMPError:
 _INT_RE = re.compile(r"[ \t\n\r\f\v]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
 
 
+# The longest digit string a 64-bit value can need (octal: 22 digits).
+_MAX_SIGNIFICANT_DIGITS = 22
+
+
 def _strtoint(text: str) -> int | None:
     """strtoll/strtoull with base 0 and nothing left over; None if invalid."""
     m = _INT_RE.match(text)
     if not m:
         return None
     digits = m.group(2)
+    body = digits[2:] if digits[:2] in ("0x", "0X") else digits
+    if len(body.lstrip("0")) > _MAX_SIGNIFICANT_DIGITS:
+        # Beyond every 64-bit range whatever the base (and before CPython's limit
+        # on int() digits): out of range, as strtoull's ERANGE.
+        return 2**64 if m.group(1) != "-" else -(2**64)
     if digits[:2] in ("0x", "0X"):
         val = int(digits, 16)
     elif len(digits) > 1 and digits[0] == "0":

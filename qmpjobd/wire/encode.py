@@ -21,23 +21,39 @@ pure-Python writer that follows QEMU's writer step by step.
 
 from __future__ import annotations
 
+import decimal
 import json
 import json.encoder
+import logging
 import math
 import re
 from typing import Callable, Iterable
 
-__all__ = ["encode", "encode_event", "qdict_bucket", "qdict_order"]
+__all__ = ["encode", "encode_event", "qdict_bucket", "qdict_order", "cache_footprint"]
 
 QDICT_BUCKETS = 512
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------
 # QDict key order
 # ---------------------------------------------------------------------------------------
 
+# Both caches hold keys that clients choose (ids, arguments), so each is bounded by the
+# memory it holds, not only by its number of entries: a key or key list too large to be
+# worth caching is computed every time, and a cache that reaches its budget is emptied.
+# The daemon's own keys (a few hundred, all short) fit many times over.
+_BUCKET_CACHE_MAX_KEY = 64          # characters; longer keys are hashed every time
+_BUCKET_CACHE_ENTRIES = 4096
+# The order cache accounts each entry in approximate bytes: the characters of its keys
+# plus, per key, a string object header and a slot in each of the two tuples.
+_ORDER_KEY_OVERHEAD = 64
+_ORDER_CACHE_MAX_COST = 8 << 10     # bytes; larger key lists are ordered every time
+_ORDER_CACHE_BUDGET = 1 << 20       # bytes held by all entries together
+
 _bucket_cache: dict[str, int] = {}
 _order_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
-_ORDER_CACHE_LIMIT = 8192
+_order_cache_cost = 0
 
 
 def _qemu_key_bytes(key: str) -> bytes:
@@ -45,16 +61,22 @@ def _qemu_key_bytes(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass").replace(b"\x00", b"\xc0\x80")
 
 
+def _tdb_bucket(key: str) -> int:
+    raw = _qemu_key_bytes(key)
+    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
+    for i, byte in enumerate(raw):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % QDICT_BUCKETS
+
+
 def qdict_bucket(key: str) -> int:
     """Bucket of ``key`` in a QEMU QDict (the tdb hash, 512 buckets); cached."""
     bucket = _bucket_cache.get(key)
     if bucket is None:
-        raw = _qemu_key_bytes(key)
-        value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-        for i, byte in enumerate(raw):
-            value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-        bucket = ((1103515243 * value + 12345) & 0xFFFFFFFF) % QDICT_BUCKETS
-        if len(_bucket_cache) < 65536:      # keys from clients are unbounded
+        bucket = _tdb_bucket(key)
+        if len(key) <= _BUCKET_CACHE_MAX_KEY:
+            if len(_bucket_cache) >= _BUCKET_CACHE_ENTRIES:
+                _bucket_cache.clear()
             _bucket_cache[key] = bucket
     return bucket
 
@@ -66,6 +88,25 @@ def _compute_order(keys: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(k for _, _, k in ranked)
 
 
+def _order_cost(keys: tuple[str, ...]) -> int:
+    """Approximate bytes that caching ``keys`` and their order holds."""
+    return _ORDER_KEY_OVERHEAD * len(keys) + sum(map(len, keys))
+
+
+def _remember_order(keys: tuple[str, ...], order: tuple[str, ...]) -> None:
+    global _order_cache_cost
+    if _ORDER_KEY_OVERHEAD * len(keys) > _ORDER_CACHE_MAX_COST:
+        return                          # too many keys (checked before summing lengths)
+    cost = _order_cost(keys)
+    if cost > _ORDER_CACHE_MAX_COST:
+        return
+    if _order_cache_cost + cost > _ORDER_CACHE_BUDGET:
+        _order_cache.clear()
+        _order_cache_cost = 0
+    _order_cache[keys] = order
+    _order_cache_cost += cost
+
+
 def qdict_order(keys: Iterable[str]) -> tuple[str, ...]:
     """Iteration order of a QDict whose keys were inserted in the order given."""
     keys = tuple(keys)
@@ -74,10 +115,19 @@ def qdict_order(keys: Iterable[str]) -> tuple[str, ...]:
     order = _order_cache.get(keys)
     if order is None:
         order = _compute_order(keys)
-        if len(_order_cache) >= _ORDER_CACHE_LIMIT:
-            _order_cache.clear()
-        _order_cache[keys] = order
+        _remember_order(keys, order)
     return order
+
+
+def cache_footprint() -> dict[str, int]:
+    """What the key caches hold now (entries and the cost they are accounted at);
+    for tests and diagnostics."""
+    return {
+        "bucket_entries": len(_bucket_cache),
+        "bucket_chars": sum(map(len, _bucket_cache)),
+        "order_entries": len(_order_cache),
+        "order_cost": _order_cache_cost,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,6 +180,22 @@ def _quote(s: str) -> str:
 # Numbers
 # ---------------------------------------------------------------------------------------
 
+_INT64_MIN = -(1 << 63)
+_UINT64_MAX = (1 << 64) - 1
+
+
+def _int_text(value: int) -> str:
+    """Decimal text of an integer of any size.
+
+    QEMU's integers are int64 or uint64 (the lexer turns anything larger into a double),
+    so a larger one can only come from qmpjobd's own code; it is still printed exactly,
+    without tripping CPython's limit on digits in ``str(int)``.
+    """
+    if _INT64_MIN <= value <= _UINT64_MAX:
+        return str(int(value))
+    return str(decimal.Decimal(int(value)))
+
+
 def format_double(value: float) -> str:
     """C's ``printf("%.17g")`` as glibc prints it."""
     if math.isnan(value):
@@ -164,6 +230,8 @@ def _reorder(value: object, depth: int = 0) -> object:
         return [_reorder(item, depth + 1) for item in value]
     if kind is float:
         raise _NeedsQemuWriter()      # json prints repr(); QEMU prints %.17g
+    if kind is int and not _INT64_MIN <= value <= _UINT64_MAX:
+        raise _NeedsQemuWriter()      # str() of a huge int may exceed CPython's digit limit
     return value
 
 
@@ -198,7 +266,7 @@ def _scalar(value: object) -> str:
     if value is False:
         return "false"
     if isinstance(value, int):
-        return str(int(value))
+        return _int_text(value)
     if isinstance(value, float):
         return format_double(value)
     if isinstance(value, str):
@@ -280,8 +348,27 @@ def encode_event(message: dict, pretty: bool = False) -> bytes:
     return encode(message, pretty)
 
 
+INTERNAL_ERROR_DESC = "internal error in qmpjobd: {} while encoding the reply"
+
+
 def encode(value: dict, pretty: bool = False) -> bytes:
-    """One QMP message as QEMU writes it, terminated by ``\\r\\n``."""
+    """One QMP message as QEMU writes it, terminated by ``\\r\\n``.
+
+    A reply (a message with ``return`` or ``error``) that cannot be encoded, which only
+    a bug in qmpjobd can cause, becomes an internal error reply with the same ``id``, so
+    the client still gets an answer and keeps its connection. Anything else that cannot
+    be encoded raises ``TypeError``/``ValueError``.
+    """
+    try:
+        return _encode(value, pretty)
+    except Exception as exc:
+        if not _is_reply(value):
+            raise
+        log.exception("internal error while encoding a reply")
+        return _encode(_internal_error_reply(value, exc), pretty)
+
+
+def _encode(value: dict, pretty: bool) -> bytes:
     if pretty:
         return _qemu_write(value, True).replace("\n", "\r\n").encode("ascii") + b"\r\n"
     try:
@@ -291,3 +378,19 @@ def encode(value: dict, pretty: bool = False) -> bytes:
     else:
         text = _fix_escapes(_c_encode(ordered))
     return text.encode("ascii") + b"\r\n"
+
+
+def _is_reply(message: object) -> bool:
+    return type(message) is dict and ("return" in message or "error" in message)
+
+
+def _internal_error_reply(reply: dict, exc: Exception) -> dict:
+    error = {"class": "GenericError", "desc": INTERNAL_ERROR_DESC.format(type(exc).__name__)}
+    message: dict = {"error": error}
+    if "id" in reply:
+        try:
+            _encode({"id": reply["id"]}, False)
+        except Exception:
+            return message             # the id itself is what cannot be encoded
+        message["id"] = reply["id"]
+    return message

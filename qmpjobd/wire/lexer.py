@@ -24,10 +24,11 @@ documents split into random chunks.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 
-__all__ = ["ParsedValue", "ParseError", "StreamParser",
+__all__ = ["ParsedValue", "ParseError", "StreamParser", "integer_literal",
            "MAX_TOKEN_SIZE", "MAX_TOKEN_COUNT", "MAX_NESTING"]
 
 MAX_TOKEN_SIZE = 64 << 20       # bytes in one token, and in all tokens of one message
@@ -36,6 +37,15 @@ MAX_NESTING = 1 << 10           # open braces + brackets
 
 _INT64_MIN = -(1 << 63)
 _UINT64_MAX = (1 << 64) - 1
+# A literal with more digits than UINT64_MAX (20) cannot be an int64 or a uint64 (the
+# lexer admits no leading zeros), so it goes straight to the double conversion. This also
+# keeps int() away from CPython's limit on digits in int/str conversions (4300).
+_MAX_INTEGER_DIGITS = len(str(_UINT64_MAX))
+# json-parser.c formats its messages into a 1024-byte buffer (vsnprintf), so the text
+# after "JSON parse error, " is cut to 1023 bytes; only the keyword error can get there.
+_PARSE_MESSAGE_MAX_BYTES = 1023
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -159,7 +169,21 @@ class _JSONSyntaxError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.desc = "JSON parse error, " + message
+        self.desc = "JSON parse error, " + _cut_message(message)
+
+
+def _cut_message(message: str) -> str:
+    """The message as QEMU's fixed-size buffer holds it: at most 1023 bytes of UTF-8.
+
+    A multibyte character split by the cut becomes U+FFFD, as QEMU's JSON writer prints
+    the truncated sequence.
+    """
+    if len(message) <= _PARSE_MESSAGE_MAX_BYTES // 4:
+        return message                  # cannot exceed the buffer even if all 4-byte
+    raw = message.encode("utf-8", "surrogatepass")
+    if len(raw) <= _PARSE_MESSAGE_MAX_BYTES:
+        return message
+    return _lossy_text(raw[:_PARSE_MESSAGE_MAX_BYTES])
 
 
 _SHORT_ESCAPES = {
@@ -224,19 +248,27 @@ def _parse_string(token: bytes) -> str:
     return "".join(chars)
 
 
-def _parse_integer(token: bytes) -> int | float:
-    value = int(token)
-    # int64 first, then uint64 for non-negative literals, else QEMU falls back to strtod
+def integer_literal(literal: bytes | str) -> int | float:
+    """An integer token as QEMU converts it: int64, else uint64 (when not negative),
+    else the nearest double (``strtod``, which gives ``inf`` past DBL_MAX).
+
+    ``float()`` rounds correctly, as glibc's ``strtod`` does, at any length.
+    """
+    sign = b"-" if isinstance(literal, bytes) else "-"
+    digits = len(literal) - literal.startswith(sign)
+    if digits > _MAX_INTEGER_DIGITS:
+        return float(literal)
+    value = int(literal)
     if _INT64_MIN <= value <= _UINT64_MAX:
         return value
-    return float(token)
+    return float(literal)
 
 
 def _parse_scalar(kind: int, token: bytes) -> object:
     if kind == T_STRING:
         return _parse_string(token)
     if kind == T_INTEGER:
-        return _parse_integer(token)
+        return integer_literal(token)
     if kind == T_FLOAT:
         return float(token)
     if kind == T_KEYWORD:
@@ -350,17 +382,10 @@ def _reject_constant(name: str) -> object:
     raise _Reject()                     # NaN / Infinity are not JSON for QEMU
 
 
-def _fast_integer(literal: str) -> int | float:
-    value = int(literal)
-    if _INT64_MIN <= value <= _UINT64_MAX:
-        return value
-    return float(literal)
-
-
 _fast_decode = json.JSONDecoder(
     object_pairs_hook=_pairs_without_duplicates,
     parse_constant=_reject_constant,
-    parse_int=_fast_integer,
+    parse_int=integer_literal,
 ).raw_decode
 
 # \u escapes QEMU rejects or that need its surrogate-pair rules: surrogates and
@@ -403,6 +428,11 @@ def _fast_ok(segment: bytes, ascii_checked: bool) -> bool:
 # The stream parser
 # ---------------------------------------------------------------------------------------
 
+def _internal_error(exc: Exception) -> str:
+    # The same wording as dispatch's internal errors; never reached on QEMU's inputs.
+    return f"internal error in qmpjobd: {type(exc).__name__}"
+
+
 class StreamParser:
     """One per connection: feed it bytes, get back complete values and errors in order.
 
@@ -427,20 +457,34 @@ class StreamParser:
     # -- public ------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[ParsedValue | ParseError]:
+        """Complete values and errors found in ``data`` (plus what came before it).
+
+        Never raises: a bug in the lexer must not cost the client its connection. If one
+        surfaces anyway, the partial message and the rest of ``data`` are dropped (the
+        lexer state is not trustworthy any more) and an internal error is reported.
+        """
         out: list[ParsedValue | ParseError] = []
         if not data:
             return out
-        data = bytes(data)
+        try:
+            self._feed(bytes(data), out)
+        except Exception as exc:
+            log.exception("internal error in the QMP lexer")
+            self.reset()
+            out.append(ParseError(_internal_error(exc)))
+        return out
+
+    def _feed(self, data: bytes, out: list[ParsedValue | ParseError]) -> None:
         size = len(data)
         pos = 0
         if not self._fast_path:
             while pos < size:
                 pos = self._lex(data, pos, out)
-            return out
+            return
         if not self._at_boundary():
             pos = self._lex(data, 0, out)
             if pos >= size:
-                return out
+                return
         all_ascii = data.isascii()
         fast_decode = _fast_decode
         # The fast decoder reads a window of the data decoded as latin-1 (one char per
@@ -479,12 +523,11 @@ class StreamParser:
             # Anything else, including a message cut off by the end of the data or of
             # the window, goes through the faithful lexer up to the next boundary.
             pos = self._lex(data, pos, out)
-        return out
 
     # -- streamer (json-streamer.c) -----------------------------------------------------
 
     def _at_boundary(self) -> bool:
-        return self._state == S_START and not self._kinds
+        return self._state == S_START and not (self._braces or self._brackets)
 
     def _clear_message(self) -> None:
         self._kinds = []
@@ -493,7 +536,9 @@ class StreamParser:
         self._brackets = 0
         self._token_bytes = 0
 
-    def _push_token(self, kind: int, text: bytes, out: list) -> None:
+    def _push_token(self, kind: int, text: bytes, out: list, end: int) -> None:
+        # ``end``: index in the chunk being lexed just past the token's last byte (the
+        # 11.1 streamer derives error positions from it; this one does not need it).
         if kind == T_LCURLY:
             self._braces += 1
         elif kind == T_RCURLY:
@@ -530,6 +575,9 @@ class StreamParser:
             out.append(ParsedValue(_parse_tokens(kinds, texts)))
         except _JSONSyntaxError as err:
             out.append(ParseError(err.desc))
+        except Exception as exc:        # a bug: report it, keep lexing what follows
+            log.exception("internal error in the QMP parser")
+            out.append(ParseError(_internal_error(exc)))
 
     # -- lexer (json-lexer.c) -----------------------------------------------------------
 
@@ -544,7 +592,7 @@ class StreamParser:
         token = self._token
         started = pos
         while pos < size:
-            if state == S_START and pos > started and not self._kinds:
+            if state == S_START and pos > started and not (self._braces or self._brackets):
                 break                           # clean boundary: back to the fast path
             byte = data[pos]
             if state == S_START:
@@ -554,7 +602,7 @@ class StreamParser:
                 kind = _STRUCTURAL.get(byte)
                 if kind is not None:
                     pos += 1
-                    self._push_token(kind, data[pos - 1:pos], out)
+                    self._push_token(kind, data[pos - 1:pos], out, pos)
                     continue
                 token.append(byte)
                 pos += 1
@@ -571,7 +619,7 @@ class StreamParser:
                 elif byte in _LOWER:
                     state = S_KEYWORD
                 else:
-                    state = self._error(token, out)
+                    state = self._error(token, out, pos)
                 continue
             if state == S_RECOVERY:
                 match = _RECOVERY_RUN.match(data, pos)
@@ -579,6 +627,7 @@ class StreamParser:
                     pos = match.end()
                 else:
                     state = S_START             # resync byte: re-read it as a token start
+                    self._recovered(pos)
                 continue
             if state == S_DQ or state == S_SQ:
                 match = (_DQ_RUN if state == S_DQ else _SQ_RUN).match(data, pos)
@@ -587,24 +636,24 @@ class StreamParser:
                     token += data[pos:end]
                     pos = end
                     if len(token) > MAX_TOKEN_SIZE:
-                        state = self._oversize(token, out)
+                        state = self._oversize(token, out, pos)
                     continue
                 token.append(byte)
                 pos += 1
                 if byte == (0x22 if state == S_DQ else 0x27):
-                    self._emit(T_STRING, token, out)
+                    self._emit(T_STRING, token, out, pos)
                     state = S_START
                 elif byte == 0x5C:
                     state = S_DQ_ESC if state == S_DQ else S_SQ_ESC
                 else:
-                    state = self._error(token, out)
+                    state = self._error(token, out, pos)
             elif state == S_DQ_ESC or state == S_SQ_ESC:
                 token.append(byte)
                 pos += 1
                 if 0x20 <= byte <= 0xFD:
                     state = S_DQ if state == S_DQ_ESC else S_SQ
                 else:
-                    state = self._error(token, out)
+                    state = self._error(token, out, pos)
             elif state == S_DIGITS or state == S_MANTISSA_DIGITS or state == S_EXP_DIGITS:
                 if byte in _DIGITS:
                     end = _DIGIT_RUN.match(data, pos).end()
@@ -620,7 +669,7 @@ class StreamParser:
                     pos += 1
                     state = S_MANTISSA
                 else:                           # lookahead ends the number
-                    self._emit(T_INTEGER if state == S_DIGITS else T_FLOAT, token, out)
+                    self._emit(T_INTEGER if state == S_DIGITS else T_FLOAT, token, out, pos)
                     state = S_START
                     continue
             elif state == S_KEYWORD:
@@ -630,7 +679,7 @@ class StreamParser:
                     token += data[pos:end]
                     pos = end
                 else:
-                    self._emit(T_KEYWORD, token, out)
+                    self._emit(T_KEYWORD, token, out, pos)
                     state = S_START
                     continue
             elif state == S_ZERO:
@@ -641,22 +690,27 @@ class StreamParser:
                 elif byte in _DIGITS:           # leading zero: the digit is part of the error
                     token.append(byte)
                     pos += 1
-                    state = self._error(token, out)
+                    state = self._error(token, out, pos)
                 else:
-                    self._emit(T_INTEGER, token, out)
+                    self._emit(T_INTEGER, token, out, pos)
                     state = S_START
                     continue
             else:
                 # S_SIGN, S_MANTISSA, S_EXP_E, S_EXP_SIGN: one specific byte must follow
                 token.append(byte)
                 pos += 1
-                state = self._after_prefix(state, byte, token, out)
+                state = self._after_prefix(state, byte, token, out, pos)
             if len(token) > MAX_TOKEN_SIZE:
-                state = self._oversize(token, out)
+                state = self._oversize(token, out, pos)
         self._state = state
         return pos
 
-    def _after_prefix(self, state: int, byte: int, token: bytearray, out: list) -> int:
+    def _recovered(self, pos: int) -> None:
+        """Error recovery ended at ``data[pos]`` (a lookahead byte, read again as a token
+        start). Only the 11.1 streamer's positions care."""
+
+    def _after_prefix(self, state: int, byte: int, token: bytearray, out: list,
+                      end: int) -> int:
         if state == S_SIGN:
             if byte == 0x30:
                 return S_ZERO
@@ -673,20 +727,20 @@ class StreamParser:
         elif state == S_EXP_SIGN:
             if byte in _DIGITS:
                 return S_EXP_DIGITS
-        return self._error(token, out)
+        return self._error(token, out, end)
 
-    def _emit(self, kind: int, token: bytearray, out: list) -> None:
+    def _emit(self, kind: int, token: bytearray, out: list, end: int) -> None:
         text = bytes(token)
         token.clear()
-        self._push_token(kind, text, out)
+        self._push_token(kind, text, out, end)
 
-    def _error(self, token: bytearray, out: list) -> int:
+    def _error(self, token: bytearray, out: list, end: int) -> int:
         """Lexical error: report the bad token (bad byte included) and start skipping."""
-        self._emit(T_ERROR, token, out)
+        self._emit(T_ERROR, token, out, end)
         return S_RECOVERY
 
-    def _oversize(self, token: bytearray, out: list) -> int:
+    def _oversize(self, token: bytearray, out: list, end: int) -> int:
         # QEMU hands the over-long partial token to the streamer, which rejects it on
         # size, then lexes the rest of the input afresh.
-        self._emit(T_OVERSIZE, token, out)
+        self._emit(T_OVERSIZE, token, out, end)
         return S_START

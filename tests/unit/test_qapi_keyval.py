@@ -73,3 +73,32 @@ def test_keyval_integers_use_base_zero(text, value):
 def test_keyval_bad_integers(text):
     with pytest.raises(QMPError):
         Schema.load().parse_keyval("BlockdevOptions", f"null-co,node-name=n,size={text}")
+
+
+# Found by fuzzing (fuzz/): inputs past CPython's int() digit limit and past QEMU's
+# 128-byte key fragment buffer; messages observed from qemu-storage-daemon 7.2.
+LONG = "9" * 5000
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"null-co,node-name=n,size={LONG}", "Parameter 'size' expects integer"),
+    (f"null-co,node-name=n,size=0x{'f' * 400}", "Parameter 'size' expects integer"),
+    (f"null-co,node-name=n,a.{'1' * 5000}=x", f"Parameter fragment '{'1' * 5000}' is too long"),
+    (f"null-co,node-name=n,{'a' * 128}=x", f"Parameter '{'a' * 128}' is too long"),
+    (f"null-co,node-name=n,{'a' * 130}.b=x", f"Parameter fragment '{'a' * 130}' is too long"),
+    ('{"driver":"null-co","node-name":"n","size":%s}' % LONG,
+     "Invalid parameter type for 'size', expected: integer"),
+])
+def test_keyval_huge_inputs_get_qemus_errors(schema, text, message):
+    with pytest.raises(QMPError) as info:
+        schema.parse_keyval("BlockdevOptions", text)
+    assert info.value.desc == message
+
+
+def test_keyval_fragment_of_127_bytes_is_accepted():
+    assert keyval_parse(f"{'a' * 127}=x") == {"a" * 127: "x"}
+
+
+def test_keyval_leading_zeros_do_not_count_as_digits(schema):
+    parsed = schema.parse_keyval("BlockdevOptions", f"null-co,node-name=n,size=0{'0' * 40}17")
+    assert parsed["size"] == 0o17

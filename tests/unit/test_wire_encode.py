@@ -348,3 +348,62 @@ def test_encode_event_equals_encode(status: str, job_id: str | None, seconds: in
     assert encode_event(message, pretty) == encode(message, pretty)
     extra = {**message, "data": {**message["data"], "x": 1}}
     assert encode_event(extra, pretty) == encode(extra, pretty)
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 8: values from long literals, bounded key caches, no exception on a reply
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pretty", [False, True])
+def test_values_of_long_literals_print_as_qemu_prints_them(pretty: bool) -> None:
+    values = [float("inf"), float("-inf"), 1.7976931348623157e308, 5e-324, -0.0,
+              -(1 << 63), (1 << 64) - 1]
+    text = encode({"return": values}, pretty).replace(b"\r\n", b"").replace(b" ", b"")
+    assert text == (b'{"return":[inf,-inf,1.7976931348623157e+308,4.9406564584124654e-324,-0,'
+                    b'-9223372036854775808,18446744073709551615]}')
+
+
+@pytest.mark.parametrize("pretty", [False, True])
+def test_integers_beyond_64_bits_print_exactly_past_cpythons_digit_limit(pretty: bool) -> None:
+    # QEMU has no such integers (its lexer makes them doubles); qmpjobd's own code
+    # could still produce one, and printing it must not raise.
+    big = 7 * 10 ** 5000 + 3
+    assert encode({"return": [big, -big]}, pretty).replace(b"\r\n", b"").replace(b" ", b"") \
+        == b'{"return":[7' + b"0" * 4999 + b"3,-7" + b"0" * 4999 + b"3]}"
+
+
+@pytest.mark.parametrize("pretty", [False, True])
+def test_a_reply_that_cannot_be_encoded_becomes_an_internal_error(pretty: bool) -> None:
+    reply = encode({"return": {"x": {1, 2}}, "id": ["a", 1]}, pretty)
+    assert reply.replace(b"\r\n", b"").replace(b" ", b"") == (
+        b'{"id":["a",1],"error":{"class":"GenericError","desc":"internalerrorinqmpjobd:'
+        b'TypeErrorwhileencodingthereply"}}')
+
+
+def test_an_event_that_cannot_be_encoded_still_raises() -> None:
+    with pytest.raises(TypeError):
+        encode({"event": "X", "data": {1, 2}})
+
+
+def test_key_caches_stay_bounded_after_huge_objects() -> None:
+    from qmpjobd.wire import encode as encode_module
+    # Many large objects with distinct keys, as a client may send as ids.
+    for round_ in range(5):
+        ident = {f"key-{round_}-{i}": i for i in range(50_000)}
+        ident["long" * 10_000] = 1
+        encode({"return": {}, "id": ident})
+        encode({"return": {}, "id": [{f"a{round_}-{i}": 1, f"b{i}": 2} for i in range(20_000)]})
+    held = encode_module.cache_footprint()
+    assert held["order_cost"] <= encode_module._ORDER_CACHE_BUDGET
+    assert held["bucket_entries"] <= encode_module._BUCKET_CACHE_ENTRIES
+    assert held["bucket_chars"] <= encode_module._BUCKET_CACHE_ENTRIES * encode_module._BUCKET_CACHE_MAX_KEY
+    # and the accounted cost is what the entries really hold
+    assert held["order_cost"] == sum(encode_module._order_cost(keys) for keys in encode_module._order_cache)
+    assert not any(len(keys) > 1000 for keys in encode_module._order_cache)
+
+
+def test_small_orders_are_still_cached() -> None:
+    from qmpjobd.wire import encode as encode_module
+    keys = ("return", "id")
+    assert qdict_order(keys) == ("return", "id")
+    assert encode_module._order_cache.get(keys) == ("return", "id")

@@ -552,3 +552,110 @@ def test_large_feeds_cross_the_fast_decoder_window() -> None:
     assert outcome(parse(stream)) == expected
     cut = len(stream) // 3
     assert outcome(parse_in_pieces([stream[:cut], stream[cut:]])) == expected
+
+
+# ---------------------------------------------------------------------------------------
+# Long literals (issue 8): QEMU's strtod past the int64/uint64 range, its 1024-byte
+# message buffer, and no exception reaching the connection
+# ---------------------------------------------------------------------------------------
+
+QUERY_NEXT = b'{"execute":"query-version","id":"next"}'
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("digits", [1, 19, 20, 21, 308, 309, 4299, 4300, 4301, 4302, 20000, 100000])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_integer_literal_of_any_length(fast_path: bool, digits: int, sign: str) -> None:
+    literal = sign + "1" * digits
+    items = parse(b'{"execute":"query-version","id":%s}' % literal.encode() + QUERY_NEXT, fast_path)
+    assert [type(item) for item in items] == [ParsedValue, ParsedValue]
+    ident = items[0].value["id"]
+    # int64, else uint64 when not negative, else the nearest double: inf past DBL_MAX
+    number = int(literal) if digits <= 20 else None
+    if number is not None and -(1 << 63) <= number < (1 << 64):
+        assert ident == number and type(ident) is int
+    else:
+        assert type(ident) is float and ident == float(literal)
+    if digits > 309:                     # 1.1e308 < DBL_MAX < 1.1e309
+        assert ident == (-math.inf if sign else math.inf)
+    assert items[1].value["id"] == "next"
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("literal", [
+    "1." + "1" * 5000, "0." + "0" * 5000 + "1", "1e" + "1" * 5000, "1e-" + "9" * 5000,
+    "-" + "9" * 5000 + ".5E+3", "1" * 5000 + "e-4990",
+])
+def test_float_literal_of_any_length(fast_path: bool, literal: str) -> None:
+    items = parse(b"[%s]" % literal.encode() + QUERY_NEXT, fast_path)
+    assert [type(item) for item in items] == [ParsedValue, ParsedValue]
+    assert outcome(items[:1]) == outcome([ParsedValue([float(literal)])])
+
+
+def test_huge_integer_id_is_echoed_as_qemu_does() -> None:
+    items = parse(b'{"execute":"query-jobs","id":%s}' % (b"1" * 4301))
+    request = Session().take(items[0])
+    assert isinstance(request, Request)
+    assert encode(Session().reply(request, [])) == b'{"return": [], "id": inf}\r\n'
+
+
+def keyword_error(length: int) -> str:
+    return parse(b"[" + b"a" * length + b"]", fast_path=False)[0].desc
+
+
+@pytest.mark.parametrize("length", [1, 1000, 1004, 1005])
+def test_invalid_keyword_error_keeps_short_words(length: int) -> None:
+    assert keyword_error(length) == "JSON parse error, invalid keyword '" + "a" * length + "'"
+
+
+@pytest.mark.parametrize("length", [1006, 1007, 1023, 5000, 1 << 20])
+def test_invalid_keyword_error_is_cut_as_qemu_cuts_it(length: int) -> None:
+    # QEMU formats "invalid keyword '%s'" into 1024 bytes: 1023 survive, the closing
+    # quote goes first. Observed on qemu-storage-daemon 7.2: a 1091-byte error line.
+    desc = keyword_error(length)
+    assert desc == "JSON parse error, invalid keyword '" + "a" * 1006
+    assert len(encode({"error": {"class": "GenericError", "desc": desc}})) == 1091
+
+
+def test_invalid_keyword_then_the_next_message() -> None:
+    items = parse(b"[" + b"a" * 200_000 + b"]" + QUERY_NEXT)
+    assert len(items[0].desc) == len("JSON parse error, ") + 1023
+    assert items[-1].value["id"] == "next"
+
+
+def test_a_multibyte_character_cut_by_the_message_buffer_becomes_fffd() -> None:
+    from qmpjobd.wire.lexer import _cut_message
+    assert _cut_message("\u00e9" * 600) == "\u00e9" * 511 + "\ufffd"    # 1023 = 511*2 + 1
+    assert _cut_message("x" + "\u00e9" * 600) == "x" + "\u00e9" * 511
+    assert _cut_message("\u00e9" * 511) == "\u00e9" * 511
+
+
+def test_stray_errors_are_not_cut() -> None:
+    # The streamer's "stray" error does not go through the parser's buffer.
+    items = parse(b'"' + b"a" * 3000 + b"\x01")
+    assert items[0].desc == "JSON parse error, stray '\"" + "a" * 3000 + "\x01'"
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_bug_in_the_parser_is_an_internal_error_not_an_exception(monkeypatch, fast_path) -> None:
+    import qmpjobd.wire.lexer as lexer_module
+
+    def broken(kinds: list, texts: list) -> object:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(lexer_module, "_parse_tokens", broken)
+    monkeypatch.setattr(lexer_module, "_fast_decode", lambda text, pos: broken([], []))
+    parser = StreamParser(fast_path)
+    items = parser.feed(b'{"execute":"query-jobs"}')
+    assert outcome(items) == [("error", "internal error in qmpjobd: ValueError")]
+    monkeypatch.undo()
+    assert parser.feed(QUERY_NEXT)[0].value["id"] == "next"
+
+
+def test_a_bug_in_the_lexer_resets_it_and_reports_an_internal_error(monkeypatch) -> None:
+    parser = StreamParser()
+    parser.feed(b'{"execute":')
+    monkeypatch.setattr(parser, "_lex", lambda *args: 1 // 0)
+    assert outcome(parser.feed(b'"x"}')) == [("error", "internal error in qmpjobd: ZeroDivisionError")]
+    monkeypatch.undo()
+    assert parser.feed(QUERY_NEXT)[0].value["id"] == "next"
