@@ -28,20 +28,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import socket
+import tty
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, cast
+from typing import Any, Callable, Protocol, cast
 
+from qmpjobd.commands.char import NO_ADDRESS_FILENAME
 from qmpjobd.commands.control import begin_shutdown, version_info
+from qmpjobd.confine import PathPolicy
 from qmpjobd.daemon import Daemon
 from qmpjobd.dispatch import Dispatcher
+from qmpjobd.errors import QMPError
 from qmpjobd.qapi.ghash import GHashSet
+from qmpjobd.versions import Behaviour
 from qmpjobd.wire.encode import encode, encode_event
 from qmpjobd.wire.lexer import ParsedValue, ParseError, StreamParser
+from qmpjobd.wire.dialect import new_stream_parser, wire_dialect
 from qmpjobd.wire.session import Session, event_message
 
 log = logging.getLogger(__name__)
@@ -100,7 +107,7 @@ class Connection(asyncio.Protocol):
         self.monitor = monitor
         self.serial = next(server.connection_serials)   # connection order
         self.session = Session()
-        self.parser = StreamParser()
+        self.parser = new_stream_parser(wire_dialect(server.daemon.personality))
         self.transport: asyncio.Transport | None = None
         self.closed = False
         # Input: bytes not yet lexed, and lexed items not yet dispatched.
@@ -213,7 +220,7 @@ class Connection(asyncio.Protocol):
                 # including those still finishing a request (QEMU writes it last).
                 self.server.shutdown(final_reply=(self, message))
                 return
-            self.queue(message)
+            dispatcher.deliver(self, message)
             requests += 1
             produced += len(message)
             if requests >= SLICE_REQUESTS or produced >= SLICE_OUTPUT_BYTES:
@@ -329,6 +336,12 @@ class Connection(asyncio.Protocol):
         self.cancel_watchdog()
 
 
+def staging_name(path: str) -> str:
+    """Where ``listening_unix_socket`` binds before renaming: the kernel keeps this
+    name as the socket's address, so peers see it (``public_unix_name``)."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def listening_unix_socket(path: str) -> socket.socket:
     """A unix socket that is already listening when ``path`` appears, with mode 0600.
 
@@ -336,7 +349,7 @@ def listening_unix_socket(path: str) -> socket.socket:
     sees the file can connect at once, and no other user ever could.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staging = f"{path}.{os.getpid()}.tmp"
+    staging = staging_name(path)
     old_umask = os.umask(0o177)
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -382,6 +395,480 @@ class IdleConnection(asyncio.Protocol):
             self.transport.close()
 
 
+# ---------------------------------------------------------------------------------------
+# The chardev registry: every chardev, from the command line or chardev-add
+# ---------------------------------------------------------------------------------------
+
+class Chardev(Protocol):
+    """What the registry, query-chardev and QOM need of any chardev."""
+
+    chardev_id: str
+    qom_type: str
+    # A monitor uses it: it is busy (no chardev-remove) and cannot be hot-swapped.
+    frontend: bool
+
+    def filename(self) -> str: ...
+
+    def qom_value(self, prop: str) -> object: ...
+
+    def close(self) -> None: ...
+
+
+# From 10.0 on, a connected unix *client* socket chardev names the server's path in
+# query-chardev; 7.2 printed its own (unnamed) address, which is empty: "unix:".
+CLIENT_NAMES_PEER_PATH = Behaviour("a connected unix client chardev's filename names "
+                                   "the path it connected to", since="10.0")
+
+
+def _c_string(name: object) -> str:
+    """A sun_path as QEMU prints it with %s: up to its first NUL (an abstract
+    name starts with one, so it prints as nothing)."""
+    if isinstance(name, bytes):
+        return name.split(b"\x00", 1)[0].decode("utf-8", "replace")
+    return str(name).split("\x00", 1)[0]
+
+
+class CommandLineChardev:
+    """A ``--chardev``/``--socket``/``--tcp`` socket, possibly used by a monitor."""
+
+    qom_type = "chardev-socket"
+
+    def __init__(self, server: "Server", spec: MonitorSpec, listening: bool) -> None:
+        self.server = server
+        self.spec = spec
+        self.chardev_id = spec.chardev_id
+        self.listening = listening
+
+    @property
+    def frontend(self) -> bool:
+        return self.spec.frontend
+
+    def filename(self) -> str:
+        if not self.listening:
+            return NO_ADDRESS_FILENAME
+        return self.server.chardev_filename(self.spec)
+
+    def qom_value(self, prop: str) -> object:
+        spec, server = self.spec, self.server
+        if prop == "connected":
+            return any(c.monitor is spec and not c.closed
+                       for c in (*server.connections, *server.idle_connections))
+        if spec.path is not None:
+            return {"path": spec.path, "type": "unix"}
+        return {"port": str(spec.port), "host": spec.host or "", "type": "inet"}
+
+    def close(self) -> None:
+        """Stop listening and drop the clients (only ever asked of a chardev without
+        a monitor: chardev-remove and chardev-change refuse the others)."""
+        server, spec = self.server, self.spec
+        listener = server.listener_of.pop(spec.chardev_id, None)
+        if listener is not None:
+            listener.close()
+            if listener in server.listeners:
+                server.listeners.remove(listener)
+        for idle in [c for c in server.idle_connections if c.monitor is spec]:
+            idle.close()
+        if spec in server.monitors:
+            server.monitors.remove(spec)
+            if spec.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(spec.path)
+
+
+class SocketChardev:
+    """A socket chardev made by chardev-add: listening (``server``, QMP's default) or
+    connected to a server, unix (also abstract) or TCP.
+
+    Nothing reads or writes it (there is no frontend), so its clients are held open
+    and their bytes dropped. What QEMU notices of a client going away is kept: a unix
+    peer's close raises HUP and the chardev is disconnected again; a TCP peer's close
+    (FIN) raises no HUP, and without a frontend QEMU never reads, so it goes on
+    showing the peer as connected until the chardev is removed. Listening sockets
+    accept every client (QEMU serves one and leaves the rest in the backlog); the
+    filename names the oldest.
+    """
+
+    qom_type = "chardev-socket"
+    frontend = False
+
+    def __init__(self, server: "Server", chardev_id: str, addr: dict, listen: bool,
+                 nodelay: bool, fds: list[int]) -> None:
+        self.server = server
+        self.chardev_id = chardev_id
+        self.kind = addr["type"]
+        self.address = dict(addr["data"])
+        self.listen = listen
+        self.nodelay = nodelay
+        self.log_fds = fds
+        self.listener: socket.socket | None = None
+        self.peers: list[socket.socket] = []     # oldest first
+        self.watched: set[int] = set()
+        self.created: tuple[str, int, int] | None = None   # path, st_dev, st_ino
+
+    # -- opening -----------------------------------------------------------
+
+    def open(self, policy: PathPolicy) -> None:
+        if self.kind == "unix":
+            self._open_unix(policy)
+        else:
+            self._open_inet()
+
+    def _unix_name(self) -> str | bytes:
+        path = self.address["path"]
+        if not self.address.get("abstract", False):
+            return path
+        if self.address.get("tight", True):
+            return "\0" + path
+        # Not tight: the name fills the whole sun_path, padded with NULs.
+        return (b"\0" + path.encode()).ljust(108, b"\0")
+
+    def _open_unix(self, policy: PathPolicy) -> None:
+        path = self.address["path"]
+        abstract = self.address.get("abstract", False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if not abstract:
+                # Under --allow-dir a socket is neither created nor reached outside.
+                if self.listen:
+                    policy.check_create(path)
+                else:
+                    policy.check_open(path)
+            if not self.listen:
+                self._connect_unix(sock, path)
+                return
+            self._bind_unix(sock, path, abstract)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _connect_unix(self, sock: socket.socket, path: str) -> None:
+        try:
+            sock.connect(self._unix_name())
+        except OSError as exc:
+            raise QMPError(f"Failed to connect to '{path}': {_strerror(exc)}") from None
+        self._add_peer(sock)
+
+    def _bind_unix(self, sock: socket.socket, path: str, abstract: bool) -> None:
+        if len(path.encode()) >= 108 - abstract:
+            raise QMPError(f"UNIX socket path '{path}' is too long")
+        if not abstract:
+            # As QEMU: a stale socket (or any file) of that name is replaced.
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(path)
+        old_umask = os.umask(0o177)     # mode 0600, as the command-line sockets
+        try:
+            sock.bind(self._unix_name())
+        except OSError as exc:
+            raise QMPError(f"Failed to bind socket to {path}: {_strerror(exc)}") from None
+        finally:
+            os.umask(old_umask)
+        if not abstract:
+            st = os.stat(path)
+            self.created = (path, st.st_dev, st.st_ino)
+        sock.listen(1)
+        self._start_listening(sock)
+
+    def _open_inet(self) -> None:
+        host, port = self.address["host"], self.address["port"]
+        family = socket.AF_UNSPEC
+        if self.address.get("ipv4") and not self.address.get("ipv6"):
+            family = socket.AF_INET
+        elif self.address.get("ipv6") and not self.address.get("ipv4"):
+            family = socket.AF_INET6
+        flags = socket.AI_PASSIVE if self.listen else 0
+        if self.address.get("numeric"):
+            flags |= socket.AI_NUMERICHOST
+        try:
+            infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, flags)
+        except socket.gaierror as exc:
+            raise QMPError(f"address resolution failed for {host}:{port}: {exc.strerror}") from None
+        if self.listen:
+            self._listen_inet(infos)
+        else:
+            self._connect_inet(infos, host, port)
+
+    def _listen_inet(self, infos: list) -> None:
+        """QEMU's order: each resolved address in turn, each port of ``port``..``to``;
+        a port in use moves on, any other bind error ends the search."""
+        last_errno = 0
+        for family, kind, proto, _, sockaddr in infos:
+            first = sockaddr[1]
+            last = self.address.get("to", first) if first else first
+            for port in range(first, max(first, last) + 1):
+                sock = socket.socket(family, kind, proto)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((sockaddr[0], port, *sockaddr[2:]))
+                    sock.listen(1)
+                except OSError as exc:
+                    sock.close()
+                    last_errno = exc.errno or 0
+                    if exc.errno != errno.EADDRINUSE:
+                        raise QMPError(f"Failed to bind socket: {os.strerror(last_errno)}") from None
+                    continue
+                self._start_listening(sock)
+                return
+        raise QMPError(f"Failed to find an available port: {os.strerror(last_errno)}")
+
+    def _connect_inet(self, infos: list, host: str, port: str) -> None:
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                # Blocking, as QEMU's: the daemon waits for the connection.
+                sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            if self.address.get("keep-alive"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self._add_peer(sock)
+            return
+        reason = _strerror(error) if error is not None else "no address"
+        raise QMPError(f"Failed to connect to '{host}:{port}': {reason}")
+
+    # -- clients -----------------------------------------------------------
+
+    def _start_listening(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.listener = sock
+        self._watch(sock, self._accept_ready)
+
+    def _watch(self, sock: socket.socket, callback: Callable[..., None], *args: Any) -> None:
+        asyncio.get_running_loop().add_reader(sock.fileno(), callback, *args)
+        self.watched.add(sock.fileno())
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if fd in self.watched:
+            self.watched.discard(fd)
+            asyncio.get_running_loop().remove_reader(fd)
+
+    def _accept_ready(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:          # out of descriptors: try again later
+                log.warning("chardev %s: accept failed: %s", self.chardev_id, exc)
+                return
+            self._add_peer(conn)
+
+    def _add_peer(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        if self.nodelay and conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peers.append(conn)
+        self._watch(conn, self._peer_readable, conn)
+
+    def _peer_readable(self, conn: socket.socket) -> None:
+        try:
+            if conn.recv(65536):
+                return                       # no frontend: the bytes go nowhere
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._unwatch(conn)
+        if conn.family == socket.AF_UNIX:    # HUP: QEMU sees the peer go
+            self.peers.remove(conn)
+            conn.close()
+
+    # -- what QEMU shows ---------------------------------------------------
+
+    def refresh(self) -> None:
+        """Take in what the kernel already knows (clients waiting to be accepted,
+        unix peers gone) before answering: QEMU's main loop has usually handled
+        both before it reads the next command, and the reader callbacks of this
+        loop may not have run yet when a query arrives in the same turn."""
+        if self.listener is not None:
+            self._accept_ready()
+        for conn in list(self.peers):
+            if conn.fileno() in self.watched:
+                self._peer_readable(conn)
+
+    def filename(self) -> str:
+        self.refresh()
+        if self.peers:
+            return self._connected_filename(self.peers[0])
+        return "disconnected:" + self._address_text()
+
+    def _address_text(self) -> str:
+        server = ",server=on" if self.listen else ""
+        if self.kind == "unix":
+            extra = ""
+            if self.address.get("abstract", False):
+                extra = ",abstract=on" + (",tight=on" if self.address.get("tight", True) else "")
+            return f"unix:{self.address['path']}{extra}{server}"
+        host, port = self._local_inet()
+        return f"tcp:{host}:{port}{server}"
+
+    def _local_inet(self) -> tuple[str, str]:
+        """The listening address as bound (numeric), or the address asked for."""
+        if self.listener is not None:
+            host, port = self.listener.getsockname()[:2]
+            return host, str(port)
+        return self.address["host"], self.address["port"]
+
+    def _connected_filename(self, conn: socket.socket) -> str:
+        server = ",server=on" if self.listen else ""
+        if conn.family == socket.AF_UNIX:
+            if self.listen:
+                name: object = self._unix_name()
+            elif self.server.daemon.personality.has(CLIENT_NAMES_PEER_PATH):
+                name = self.server.public_unix_name(_c_string(conn.getpeername()))
+            else:
+                name = conn.getsockname()
+            return f"unix:{_c_string(name)}{server}"
+        local, peer = conn.getsockname(), conn.getpeername()
+        return (f"tcp:{_bracketed(local[0])}:{local[1]}{server}"
+                f" <-> {_bracketed(peer[0])}:{peer[1]}")
+
+    def qom_value(self, prop: str) -> object:
+        if prop == "connected":
+            self.refresh()
+            return bool(self.peers)
+        address = {"type": self.kind, **self.address}
+        if self.kind == "inet" and self.listener is not None:
+            # The listening address as the socket reports it, with its family.
+            host, port = self._local_inet()
+            family = "ipv6" if self.listener.family == socket.AF_INET6 else "ipv4"
+            address = {"type": "inet", "host": host, "port": port, family: True}
+        return address
+
+    def close(self) -> None:
+        for conn in self.peers:
+            self._unwatch(conn)
+            conn.close()
+        self.peers = []
+        if self.listener is not None:
+            self._unwatch(self.listener)
+            self.listener.close()
+            self.listener = None
+        if self.created is not None:
+            _unlink_if_same(*self.created)
+            self.created = None
+        for fd in self.log_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.log_fds = []
+
+
+def _strerror(exc: OSError | None) -> str:
+    if exc is None or exc.errno is None:
+        return str(exc)
+    return os.strerror(exc.errno)
+
+
+def _unlink_if_same(path: str, dev: int, ino: int) -> None:
+    """Remove the socket file we created, unless another socket has taken the name
+    since (QEMU would remove that one too)."""
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+class PtyChardev:
+    """A pseudo-terminal (``pty``): the daemon holds the master, a client opens the
+    slave named in chardev-add's reply. Nothing is read or written (no frontend).
+    ``path`` (10.0 on) adds a symlink to the slave, removed with the chardev."""
+
+    qom_type = "chardev-pty"
+    frontend = False
+
+    def __init__(self, chardev_id: str, fds: list[int]) -> None:
+        self.chardev_id = chardev_id
+        self.log_fds = fds
+        self.master, slave = os.openpty()
+        os.set_inheritable(self.master, False)
+        self.pty_name = os.ttyname(slave)
+        # QEMU keeps only the master, in raw mode.
+        tty.setraw(self.master)
+        os.close(slave)
+        self.link: str | None = None
+
+    def make_link(self, path: str, policy: PathPolicy) -> None:
+        policy.check_create(path)
+        try:
+            os.symlink(self.pty_name, path)
+        except OSError as exc:
+            raise QMPError(f"Failed to create PTY symlink: {_strerror(exc)}") from None
+        self.link = path
+
+    def filename(self) -> str:
+        return f"pty:{self.pty_name}"
+
+    def qom_value(self, prop: str) -> object:
+        raise QMPError(f"Property '{self.qom_type}.{prop}' not found")
+
+    def close(self) -> None:
+        for fd in [self.master, *self.log_fds]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.log_fds = []
+        if self.link is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.link)
+            self.link = None
+
+
+# Socket options qemu-storage-daemon implements and qmpjobd does not: a client that
+# connected would see telnet negotiation, a websocket handshake or TLS.
+UNSUPPORTED_SOCKET_OPTIONS = ("telnet", "tn3270", "websocket")
+
+
+# 10.0 lets ``reconnect-ms`` through in server mode (and ignores it); 11.1 refuses
+# it there as ``reconnect`` always was.
+RECONNECT_MS_REFUSED_IN_SERVER_MODE = Behaviour(
+    "'reconnect-ms' is refused for a listening socket chardev", since="11.1")
+
+
+def check_socket_options(daemon: Daemon, data: dict) -> tuple[bool, bool]:
+    """QEMU's checks of a socket backend, in its order, then qmpjobd's refusals;
+    returns (listen, nodelay)."""
+    addr = data["addr"]
+    listen = data.get("server", True)
+    reconnect = next((k for k in ("reconnect", "reconnect-ms") if k in data), None)
+    if (reconnect == "reconnect-ms" and listen
+            and not daemon.personality.has(RECONNECT_MS_REFUSED_IN_SERVER_MODE)):
+        reconnect = None
+    if addr["type"] == "fd" and reconnect:
+        raise QMPError(f"'{reconnect}' option is incompatible with 'fd' address type")
+    if "tls-authz" in data and "tls-creds" not in data:
+        raise QMPError("'tls_authz' option requires 'tls_creds' option")
+    if listen and reconnect:
+        raise QMPError(f"'{reconnect}' option is incompatible with socket in server listen mode")
+    if not listen and data.get("websocket"):
+        raise QMPError("Websocket client is not implemented")
+    if not listen and "wait" in data:
+        raise QMPError("'wait' option is incompatible with socket in client connect mode")
+    if "tls-creds" in data:
+        if daemon.objects.get(data["tls-creds"]) is None:
+            raise QMPError(f"No TLS credentials with id '{data['tls-creds']}'")
+        raise QMPError("TLS on chardevs is not supported by qmpjobd")
+    for option in UNSUPPORTED_SOCKET_OPTIONS:
+        if data.get(option):
+            raise QMPError(f"socket chardev option '{option}' is not supported by qmpjobd")
+    if listen and data.get("wait"):
+        raise QMPError("wait=on is not supported by qmpjobd: it would block the daemon "
+                       "until a client connects")
+    if reconnect and data[reconnect]:
+        raise QMPError(f"socket chardev option '{reconnect}' is not supported by qmpjobd")
+    if addr["type"] == "fd":
+        raise QMPError("only QEMU supports file descriptor passing")
+    if addr["type"] == "vsock":
+        raise QMPError("vsock chardevs are not supported by qmpjobd")
+    if addr["type"] == "inet" and addr["data"].get("mptcp"):
+        raise QMPError("mptcp is not supported by qmpjobd")
+    return listen, data.get("nodelay", False)
+
+
 class Server:
     """All listeners and connections of one daemon, plus event fan-out."""
 
@@ -408,6 +895,10 @@ class Server:
         # robin: one slice each per loop turn, with socket I/O in between.
         self.ready: deque[Connection] = deque()
         self.turn_scheduled = False
+        # Every chardev by id, and the ids in the order of QEMU's /chardevs
+        # container (a GLib hash table: creation and removal both move the order).
+        self.chardevs: dict[str, Chardev] = {}
+        self.chardev_order = GHashSet()
         daemon.sinks.append(self.broadcast)
 
     async def start(self) -> None:
@@ -418,6 +909,59 @@ class Server:
             log.info("listening on %s (%s %s)", monitor.describe(),
                      "monitor" if monitor.frontend else "chardev without monitor",
                      monitor.chardev_id)
+        # Every --chardev, also those that listen nowhere (cli sets all_chardevs).
+        listening = {id(spec) for spec in self.monitors}
+        for spec in getattr(self, "all_chardevs", None) or list(self.monitors):
+            self.register_chardev(CommandLineChardev(self, spec, id(spec) in listening))
+
+    # -- the chardev registry ------------------------------------------------
+
+    def public_unix_name(self, name: str) -> str:
+        """The path a client connected to: a command-line socket's address is its
+        staging name (see ``listening_unix_socket``), the path it was renamed to is
+        what QEMU would show."""
+        for spec in self.monitors:
+            if spec.path is not None and name == staging_name(spec.path):
+                return spec.path
+        return name
+
+    def find_chardev(self, chardev_id: str) -> Chardev | None:
+        return self.chardevs.get(chardev_id)
+
+    def register_chardev(self, chardev: Chardev) -> None:
+        self.chardevs[chardev.chardev_id] = chardev
+        self.chardev_order.add(chardev.chardev_id)
+
+    def remove_chardev(self, chardev_id: str) -> None:
+        chardev = self.chardevs.pop(chardev_id)
+        self.chardev_order.remove(chardev_id)
+        chardev.close()
+
+    def chardev_entries(self) -> list[Chardev]:
+        """The chardevs in the iteration order of QEMU's /chardevs container."""
+        return [self.chardevs[chardev_id] for chardev_id in self.chardev_order]
+
+    def open_socket_chardev(self, daemon: Daemon, chardev_id: str, data: dict,
+                            policy: PathPolicy, log_fds: list[int]) -> SocketChardev:
+        """A socket chardev for chardev-add: listening or connected when this returns."""
+        listen, nodelay = check_socket_options(daemon, data)
+        chardev = SocketChardev(self, chardev_id, data["addr"], listen, nodelay, log_fds)
+        chardev.open(policy)
+        return chardev
+
+    def open_pty_chardev(self, chardev_id: str, data: dict, policy: PathPolicy,
+                         log_fds: list[int]) -> PtyChardev:
+        try:
+            chardev = PtyChardev(chardev_id, log_fds)
+        except OSError as exc:
+            raise QMPError(f"Failed to create PTY: {_strerror(exc)}") from None
+        if data.get("path") is not None:
+            try:
+                chardev.make_link(data["path"], policy)
+            except BaseException:
+                chardev.close()
+                raise
+        return chardev
 
     async def listen(self, monitor: MonitorSpec) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
@@ -432,7 +976,7 @@ class Server:
 
     def broadcast(self, name: str, data: dict | None) -> None:
         """Queue one event on every negotiated connection; encode once per format."""
-        message = event_message(name, data)
+        message = event_message(name, data, self.daemon.event_time())
         encoded: dict[bool, bytes] = {}
         for connection in self.connections:
             if not connection.session.negotiated or connection.closed:
@@ -473,17 +1017,11 @@ class Server:
             connection.flush()
 
     def chardev_info(self) -> list[dict]:
-        """query-chardev: ChardevInfo per chardev, in QEMU's order (its /chardevs
-        container is a GLib hash table keyed by id, filled in creation order, and the
-        list is built backwards)."""
-        order = GHashSet()
-        for monitor in self.monitors:
-            order.add(monitor.chardev_id)
-        by_id = {monitor.chardev_id: monitor for monitor in self.monitors}
-        # QEMU prepends each chardev to the answer while it walks the table.
-        return [{"label": chardev_id, "filename": self.chardev_filename(by_id[chardev_id]),
-                 "frontend-open": by_id[chardev_id].frontend}
-                for chardev_id in reversed(list(order))]
+        """query-chardev: ChardevInfo per chardev, in QEMU's order (it prepends each
+        chardev to the answer while it walks its /chardevs hash table)."""
+        return [{"label": chardev.chardev_id, "filename": chardev.filename(),
+                 "frontend-open": chardev.frontend}
+                for chardev in reversed(self.chardev_entries())]
 
     def chardev_filename(self, monitor: MonitorSpec) -> str:
         """QEMU's socket chardev filename: the listening address, prefixed with
@@ -556,6 +1094,9 @@ class Server:
             connection.close()
         for idle in list(self.idle_connections):
             idle.close()
+        for chardev in list(self.chardevs.values()):
+            if not isinstance(chardev, CommandLineChardev):
+                chardev.close()
         for monitor in self.monitors:
             if monitor.path is not None:
                 try:

@@ -90,7 +90,7 @@ def build_tree(ctx: Context) -> Node:
     version = personality.version
     server = getattr(ctx.connection, "server", None)
     monitors = [m for m in getattr(server, "monitors", []) if m.frontend] if server else []
-    chardevs = (getattr(server, "all_chardevs", None) or monitors) if server else []
+    chardevs = server.chardev_entries() if server else []
 
     objects = [Node(o.id, o.qom_type, f"/objects/{o.id}", obj=o) for o in daemon.objects]
     if personality.has(MONITOR_OBJECTS):
@@ -100,8 +100,9 @@ def build_tree(ctx: Context) -> Node:
     objects.sort(key=lambda n: (n.obj is not None,))
     subtrees = {
         "objects": container("objects", "/objects", objects),
-        "chardevs": container("chardevs", "/chardevs",
-                              [chardev_node(ctx, version, spec) for spec in chardevs]),
+        # The server keeps the container's own hash order (removals move it too).
+        "chardevs": Node("chardevs", "container", "/chardevs",
+                         {c.chardev_id: chardev_node(version, c) for c in chardevs}),
     }
     present = []
     for name, behaviour in ROOT_CONTAINERS:
@@ -120,19 +121,11 @@ def monitor_node(version: str, index: int, spec) -> Node:
                 props=qom_data(version)["properties"].get("monitor-qmp") or [])
 
 
-def chardev_node(ctx: Context, version: str, spec) -> Node:
-    server = ctx.connection.server
-
-    def value(prop: str) -> object:
-        if prop == "connected":
-            return any(c.monitor is spec and not c.closed
-                       for c in (*server.connections, *server.idle_connections))
-        if spec.path is not None:
-            return {"path": spec.path, "type": "unix"}
-        return {"port": str(spec.port), "host": spec.host or "", "type": "inet"}
-
-    return Node(spec.chardev_id, "chardev-socket", f"/chardevs/{spec.chardev_id}", values=value,
-                props=qom_data(version)["properties"]["chardev-socket"])
+def chardev_node(version: str, chardev) -> Node:
+    """A chardev of the server's registry (``qmpjobd.server.Chardev``)."""
+    return Node(chardev.chardev_id, chardev.qom_type, f"/chardevs/{chardev.chardev_id}",
+                values=chardev.qom_value,
+                props=qom_data(version)["properties"].get(chardev.qom_type) or [])
 
 
 def walk(start: Node, parts: list[str]) -> Node | None:
