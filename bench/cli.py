@@ -15,7 +15,9 @@ import traceback
 
 from bench import report
 from bench.config import Config
+from bench import procs
 from bench.procs import KINDS
+from qmpjobd.versions import DEFAULT_VERSION, KNOWN_VERSIONS
 from bench.targets import WORKLOADS, Workload, by_name
 
 
@@ -28,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
     parser.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    parser.add_argument("--qemu-version", choices=KNOWN_VERSIONS, default=DEFAULT_VERSION,
+                        help="the personality: qmpjobd as QEMU V against qemu-storage-daemon V "
+                        f"(default {DEFAULT_VERSION})")
     return parser.parse_args(argv)
 
 
@@ -61,12 +66,13 @@ def _brief(metrics: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    procs.QEMU_VERSION = args.qemu_version
     cfg = Config(quick=args.quick, verbose=args.verbose)
     workloads = by_name(args.only.split(",")) if args.only else WORKLOADS
     kinds = [k for k in args.daemons.split(",") if k]
     meta = {"started": time.time(), "quick": args.quick, "machine": report.machine(),
-            "daemons": kinds}
-    print(f"machine: {meta['machine']}", file=sys.stderr)
+            "daemons": kinds, "qemu_version": args.qemu_version}
+    print(f"machine: {meta['machine']}; personality: QEMU {args.qemu_version}", file=sys.stderr)
     results: report.Results = {}
     for workload in workloads:
         reps = args.reps or (workload.quick_reps if args.quick else workload.reps)

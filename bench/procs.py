@@ -7,9 +7,14 @@ import subprocess
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from tests.support.daemons import DaemonProcess, oracle_path
+from qmpjobd.versions import DEFAULT_VERSION
+from tests.support.daemons import DaemonProcess
+from tests.support.oracles import oracle_command
 
 KINDS = ("qmpjobd", "qsd")
+# The personality benchmarked: qmpjobd --qemu-version V against qemu-storage-daemon V
+# (`python -m bench --qemu-version V`; default qmpjobd's own default).
+QEMU_VERSION = DEFAULT_VERSION
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Called with the pid of each daemon once it serves (bench.profile attaches here).
 ON_START: list[Callable[[int], None]] = []
@@ -18,7 +23,7 @@ ON_START: list[Callable[[int], None]] = []
 @contextmanager
 def daemon(kind: str, monitors: int = 1, extra: list[str] | None = None) -> Iterator[DaemonProcess]:
     """A fresh daemon with ``monitors`` sockets, always stopped afterwards."""
-    proc = DaemonProcess(kind, list(extra or []), monitors=monitors)
+    proc = new_process(kind, list(extra or []), monitors=monitors)
     try:
         proc.start(timeout=60.0)
         for hook in ON_START:
@@ -32,6 +37,11 @@ def daemon(kind: str, monitors: int = 1, extra: list[str] | None = None) -> Iter
         raise
     finally:
         proc.stop()
+
+
+def new_process(kind: str, args: list[str], monitors: int = 1) -> DaemonProcess:
+    """A daemon of the benchmarked personality, not yet started."""
+    return DaemonProcess(kind, args, monitors=monitors, version=QEMU_VERSION)
 
 
 def pid(proc: DaemonProcess) -> int:
@@ -62,7 +72,8 @@ def mib(kib: int) -> float:
 
 
 def qsd_version() -> str:
-    out = subprocess.run([oracle_path(), "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([*oracle_command(QEMU_VERSION), "--version"],
+                         capture_output=True, text=True).stdout
     return out.splitlines()[0] if out else "?"
 
 

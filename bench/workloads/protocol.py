@@ -12,10 +12,11 @@ import socket
 import subprocess
 import time
 
-from tests.support.daemons import REPO, DaemonProcess
+from tests.support.daemons import REPO
 
 from bench.client import CRLF, Conn, Stream, connect_retry, drive, request, socket_of
 from bench.config import Config
+from bench import procs
 from bench.procs import daemon
 from bench.stats import percentile
 
@@ -51,7 +52,7 @@ def _spawn_to_greeting(kind: str, env: dict[str, str]) -> float:
     """Seconds from Popen to the whole greeting line."""
     # DaemonProcess.start() polls for the socket file every 10 ms, too coarse
     # here: spawn with its command line and poll connect() every 0.5 ms instead.
-    proc = DaemonProcess(kind, [], monitors=1)
+    proc = procs.new_process(kind, [], monitors=1)
     argv = proc.argv()
     start = time.perf_counter()
     proc.proc = subprocess.Popen(argv, cwd=proc.tmp, env=env, stdin=subprocess.DEVNULL,
