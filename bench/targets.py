@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from bench.config import Config
-from bench.workloads import data, fairness, jobs, protocol
+from bench.workloads import data, embedding, fairness, jobs, protocol
 
 WorkloadFn = Callable[[str, Config], dict[str, float]]
 
@@ -27,6 +27,8 @@ class Workload:
 
 WORKLOADS: list[Workload] = [
     Workload("startup", protocol.startup, 10, 3, "process start to greeting received"),
+    Workload("embedded", embedding.embedded, 5, 2,
+             "a test's daemon: qmpjobd embedded in the loop vs qsd spawned, to negotiated"),
     Workload("latency", protocol.latency, 5, 2, "sequential query-jobs on one connection"),
     Workload("pipelined", protocol.pipelined, 5, 2, "one connection, requests sent without waiting"),
     Workload("many_clients", protocol.many_clients, 5, 2, "16 monitors, each pipelining query-jobs"),
@@ -86,6 +88,9 @@ def T(workload: str, metric: str, label: str, unit: str, better: str = "lower", 
 ROWS: list[Target] = [
     T("startup", "startup_ms", "start-up to greeting (.pyc cached)", "ms", ratio_max=1.5),
     T("startup", "startup_nocache_ms", "start-up, PYTHONDONTWRITEBYTECODE=1", "ms"),
+    T("embedded", "to_greeting_ms", "test daemon: start to greeting", "ms", ratio_max=0.5),
+    T("embedded", "to_negotiated_ms", "test daemon: start to qmp_capabilities", "ms", ratio_max=0.5),
+    T("embedded", "embedded_first_ms", "embedded, first start of a rep (max: + imports)", "ms"),
     T("latency", "p50_us", "query-jobs round trip p50", "us", ratio_max=0.5),
     T("latency", "p99_us", "query-jobs round trip p99", "us", ratio_max=1.0),
     T("pipelined", "cmds_per_s", "pipelined throughput", "cmd/s", "higher", ratio_min=4.0),
