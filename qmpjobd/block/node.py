@@ -30,6 +30,48 @@ if TYPE_CHECKING:  # pragma: no cover
 REQUEST_MAX_BYTES = 0x7FFFFE00
 
 
+# Zero writes that fall back to data go down in pieces of this size.
+ZERO_WRITE_CHUNK = 4 * 1024 * 1024
+# fallocate(2) modes: zero a range in place / punch a hole keeping the size.
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _fallocate_zero(fd: int, offset: int, length: int) -> bool:
+    """Zero a host file range without writing data; False when the file system
+    cannot (the caller then writes zeroes)."""
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    for mode in (_FALLOC_FL_ZERO_RANGE, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE):
+        if libc.fallocate(fd, mode, offset, length) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise io_error(code)
+    return False
+
+
+async def _zero_host_range(node: "BlockNode", host: tuple[int, int], offset: int,
+                           length: int) -> bool:
+    """Zero ``length`` bytes at ``offset`` of ``node`` in its host file, in the
+    thread pool, accounted as a write on every node of its chain."""
+    import asyncio
+
+    fd, base = host
+    for member, _ in node.data_chain(offset):
+        member.write_generation += 1
+    node.chain_write_started(offset, length)
+    try:
+        with node._request():
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, _fallocate_zero, fd, base + offset, length)
+    finally:
+        node.chain_write_finished(offset, length)
+
+
 def io_error(code: int) -> OSError:
     """The exception every layer raises for a failed request: errno plus libc text."""
     return OSError(code, os.strerror(code))
@@ -213,6 +255,12 @@ class BlockNode:
             finally:
                 self.write_request_finished(offset, len(data))
 
+    def extend_for_write(self, end: int) -> None:
+        """Let a format driver above write up to ``end`` (QEMU allows a format to
+        write past its file's end): a plain host file grows, other nodes do not."""
+        if end > self.size and self.file_child is None and self.host_file() is not None:
+            self.size = -(-end // 512) * 512
+
     def write_request_started(self, offset: int, length: int) -> None:
         """QEMU's write-request prepare step: an armed threshold that the request
         ends past fires BLOCK_WRITE_THRESHOLD once and disarms itself."""
@@ -246,6 +294,33 @@ class BlockNode:
     def chain_write_finished(self, offset: int, length: int) -> None:
         for node, at in self.data_chain(offset):
             node.write_request_finished(at, length)
+
+    async def co_pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False) -> None:
+        """Make a range read as zeroes (QEMU's bdrv_co_pwrite_zeroes).
+
+        Where the node maps 1:1 onto a host file the range is zeroed without
+        writing data (fallocate, as QEMU's file driver does); elsewhere zeroes
+        are written through ``co_pwrite``, unless ``no_fallback`` (QEMU's
+        BDRV_REQ_NO_FALLBACK) asks for ENOTSUP instead. Either way the write is
+        seen by every node of the chain like any other write.
+        """
+        self._check_request(offset, length)
+        if self.read_only:
+            raise io_error(errno.EPERM)
+        if offset + length > self.size:
+            raise io_error(errno.EIO)
+        if not length:
+            return
+        host = self.host_file()
+        if host is not None and await _zero_host_range(self, host, offset, length):
+            return
+        if no_fallback:
+            raise io_error(errno.ENOTSUP)
+        end = offset + length
+        while offset < end:
+            count = min(ZERO_WRITE_CHUNK, end - offset)
+            await self.co_pwrite(offset, bytes(count))
+            offset += count
 
     @property
     def discard_unmap(self) -> bool:
@@ -394,6 +469,23 @@ class BlockNode:
         """QEMU reports ``dirty-flag`` when bdrv_get_info works (file-backed data)."""
         child = self.file_child
         return child.has_dirty_flag() if child is not None else False
+
+    def backing_file_name(self) -> "str | None":
+        """BlockDeviceInfo's backing_file: a format's backing node's filename."""
+        return None
+
+    def image_dirty(self) -> bool:
+        """The image's dirty flag (qcow2's dirty bit); False for formats without one."""
+        return False
+
+    def image_details(self) -> dict:
+        """Format members of ImageInfo beyond the generic ones (qcow2: cluster-size,
+        backing-filename, ...), in QAPI declaration order."""
+        return {}
+
+    def format_specific_info(self, who: Any) -> "dict | None":
+        """ImageInfoSpecific of a format driver, or None."""
+        return None
 
     def backing_node(self) -> "BlockNode | None":
         """The COW backing child (only mirror's filter has one in qmpjobd)."""

@@ -35,11 +35,12 @@ def image_info(node: BlockNode, flat: bool, who: Personality = _BASELINE) -> dic
     image here)."""
     info: dict = {"filename": node.filename(), "format": node.driver}
     if node.has_dirty_flag():
-        info["dirty-flag"] = False
+        info["dirty-flag"] = node.image_dirty()
     actual = node.actual_size()
     if actual is not None:
         info["actual-size"] = actual
     info["virtual-size"] = node.size
+    info.update(node.image_details())
     if who.has(IMAGE_LIMITS):
         info["limits"] = node.block_limits()
     specific = format_specific(node, who)
@@ -52,11 +53,12 @@ def image_info(node: BlockNode, flat: bool, who: Personality = _BASELINE) -> dic
 
 
 def format_specific(node: BlockNode, who: Personality) -> dict | None:
-    """ImageInfoSpecific: only the file driver has one here (its extent-size-hint
-    is left out, as QEMU leaves it out for files on ordinary file systems)."""
+    """ImageInfoSpecific: the file driver's (its extent-size-hint is left out, as
+    QEMU leaves it out for files on ordinary file systems), or a format driver's
+    own (qcow2)."""
     if node.driver == "file" and who.has(FILE_FORMAT_SPECIFIC):
         return {"type": "file", "data": {}}
-    return None
+    return node.format_specific_info(who)
 
 
 def children_info(node: BlockNode) -> list[dict]:
@@ -82,9 +84,14 @@ def block_device_info(node: BlockNode, flat: bool = False,
         "node-name": node.node_name,
         "ro": node.read_only,
         "drv": node.driver,
+    }
+    backing_file = node.backing_file_name()
+    if backing_file is not None:
+        info["backing_file"] = backing_file
+    info.update({
         # QEMU only walks the chain (and counts it) for the non-flat form.
         "backing_file_depth": 0 if flat else backing_depth(node),
-    }
+    })
     if who.has(NODE_CHILDREN_LIST):
         info["children"] = children_info(node)
     if who.has(NODE_ACTIVE_FLAG):

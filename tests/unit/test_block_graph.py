@@ -55,7 +55,7 @@ def test_add_and_lookup(graph: BlockGraph) -> None:
     ({"driver": "null-co"}, "'node-name' must be specified for the root node"),
     ({"driver": "null-co", "node-name": "1x"}, "Invalid node-name: '1x'"),
     ({"driver": "null-co", "node-name": "a" * 32}, "Node name too long"),
-    ({"driver": "qcow2", "node-name": "q", "file": "x"}, "Driver 'qcow2' is not supported by qmpjobd"),
+    ({"driver": "vmdk", "node-name": "q", "file": "x"}, "Driver 'vmdk' is not supported by qmpjobd"),
     ({"driver": "raw", "node-name": "r", "file": "nonode"}, "Cannot find device='nonode' nor node-name='nonode'"),
 ])
 def test_add_errors(graph: BlockGraph, options: dict, message: str) -> None:

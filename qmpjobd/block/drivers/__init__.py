@@ -19,6 +19,7 @@ _IMPLEMENTED = {
     "file": "file:FileNode",
     "raw": "raw:RawNode",
     "blkdebug": "blkdebug:BlkdebugNode",
+    "qcow2": "qcow2:Qcow2Node",
 }
 
 

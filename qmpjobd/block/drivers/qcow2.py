@@ -1,0 +1,403 @@
+"""``qcow2``: the qcow2 format on a protocol child (``file``), with a ``backing`` child.
+
+The format itself lives in :mod:`qmpjobd.block.formats.qcow2`; this module makes
+it a graph node. Options (QAPI BlockdevOptionsQcow2): ``file``; ``backing`` as a
+node name, inline options (opened read-only unless they say otherwise), ``null``
+(no backing) or absent (the chain named in the image headers is opened read-only,
+each node with a generated name, relative names resolved against the overlay's
+directory); ``lazy-refcounts``, ``discard-no-unref``, the cache sizes,
+``overlap-check`` and ``pass-discard-*`` are accepted; ``encrypt`` and
+``data-file`` are refused.
+
+Opening reads the header and tables synchronously, as QEMU's blockdev-add does
+(the monitor waits for the open); closing writes the caches back the same way.
+Requests run through the image's async paths (the thread pool for data).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, Coroutine
+
+from qmpjobd.block.activation import check_child_attach
+from qmpjobd.block.formats.qcow2 import constants as C
+from qmpjobd.block.formats.qcow2.image import (
+    COMPRESSED,
+    NORMAL,
+    UNALLOCATED,
+    Options,
+    Qcow2Image,
+)
+from qmpjobd.block.formats.qcow2.storage import NodeStorage
+from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.errors import QMPError
+
+_ABSENT = object()
+
+
+def run_now(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that must not wait (synchronous storage underneath)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise QMPError("qcow2 needs a file child that answers without waiting "
+                   "(a 'file' node, or a format or filter directly on one)")
+
+
+class SyncStorage(NodeStorage):
+    """The child's host file read and written directly (open and close only)."""
+
+    def __init__(self, node: BlockNode) -> None:
+        super().__init__(node)
+        self.host = node.host_file()
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        if self.host is None:
+            return await super().pread(offset, length)
+        fd, base = self.host
+        data = os.pread(fd, length, base + offset)
+        return data + bytes(length - len(data))
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        if self.host is None:
+            await super().pwrite(offset, data)
+            return
+        self.node.extend_for_write(offset + len(data))
+        fd, base = self.host
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, base + offset)
+            view = view[written:]
+            offset += written
+
+    async def flush(self) -> None:
+        if self.host is not None and not self.node.read_only:
+            os.fdatasync(self.host[0])
+
+
+class Qcow2Node(BlockNode):
+    driver = "qcow2"
+    is_format = True
+    child_roles = ("file",)
+    # Only encrypt.key-secret would be; encryption is refused.
+    strong_options = ()
+
+    @classmethod
+    def check_children(cls, children: dict[str, BlockNode]) -> None:
+        if "file" not in children:
+            raise QMPError("Parameter 'file' is missing")
+
+    # --- open and close -----------------------------------------------------------------
+
+    def open(self) -> None:
+        file = self.children["file"]
+        check_child_attach(self.node_name, "file", file)
+        self._check_file_permissions(file)
+        self._refuse_options()
+        if file.read_only:
+            self.read_only = True
+        self.image: Qcow2Image | None = None
+        self.opened_backing_from_header = False
+        image = run_now(Qcow2Image.open(SyncStorage(file), read_only=self.read_only,
+                                        options=self._image_options()))
+        if self.options.get("lazy-refcounts") and image.header.version < 3:
+            raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                           "compatibility level")
+        image.storage = NodeStorage(file)
+        self.image = image
+        self.size = image.size
+        self._open_backing()
+        image.backing = self._read_backing if self.backing_node() is not None else None
+
+    def _check_file_permissions(self, file: BlockNode) -> None:
+        """A format node takes write and resize on its file when writable and
+        lets nobody else have them: a second format node on the same file
+        conflicts unless both are read-only (QEMU's permission error)."""
+        writable = not (self.read_only or file.read_only)
+        for other in file.parent_nodes:
+            if other is self or not other.is_format:
+                continue
+            if not other.read_only:
+                holder, refuser = other.node_name, self.node_name
+            elif writable:
+                holder, refuser = self.node_name, other.node_name
+            else:
+                continue
+            raise QMPError(f"Permission conflict on node '{file.node_name}': permissions "
+                           f"'write, resize' are both required by node '{holder}' (uses "
+                           f"node '{file.node_name}' as 'file' child) and unshared by node "
+                           f"'{refuser}' (uses node '{file.node_name}' as 'file' child).")
+
+    def _refuse_options(self) -> None:
+        if "encrypt" in self.options:
+            raise QMPError("qcow2 encryption is not supported by qmpjobd")
+        if "data-file" in self.options:
+            raise QMPError("'data-file' can only be set for images with an external "
+                           "data file")
+
+    def _image_options(self) -> Options:
+        options = Options(discard_no_unref=bool(self.options.get("discard-no-unref")))
+        cluster = 1 << 16
+        l2_size = self.options.get("l2-cache-size")
+        if isinstance(l2_size, int) and l2_size > 0:
+            options.l2_cache_entries = max(2, l2_size // cluster)
+        return options
+
+    def _open_backing(self) -> None:
+        """Attach the backing child as the ``backing`` option says. The node takes
+        its place in the node list first: QEMU names a format node before it opens
+        its backing chain."""
+        ref = self.options.get("backing", _ABSENT)
+        if ref is None:
+            return
+        graph = self.graph
+        placed = self.node_name not in graph.nodes
+        if placed:
+            graph.nodes[self.node_name] = self
+        try:
+            if isinstance(ref, str):
+                backing = graph.find(ref)
+                if backing is None:
+                    raise QMPError(f"Could not open backing file: Cannot find device='{ref}' "
+                                   f"nor node-name='{ref}'")
+            elif isinstance(ref, dict):
+                backing = self._open_inline_backing(dict(ref))
+            else:
+                backing = self._open_header_backing()
+                if backing is None:
+                    return
+        except BaseException:
+            if placed:
+                graph.nodes.pop(self.node_name, None)
+            raise
+        # Most recently attached first, as QEMU lists a node's children.
+        self.children = {"backing": backing, **self.children}
+        backing.parent_nodes.append(self)
+        backing.add_blocker(self, f"node is used as backing hd of '{self.node_name}'")
+
+    def _open_inline_backing(self, options: dict) -> BlockNode:
+        options.setdefault("read-only", True)
+        try:
+            return self.graph._open_tree(options)
+        except QMPError as exc:
+            raise QMPError(f"Could not open backing file: {exc.desc}") from None
+
+    def _open_header_backing(self) -> BlockNode | None:
+        header = self.image.header if self.image is not None else None
+        if header is None or header.backing_file is None:
+            return None
+        path = self._resolve(header.backing_file)
+        fmt = header.backing_format or self._probe(path)
+        options = {"driver": fmt, "file": {"driver": "file", "filename": path},
+                   "read-only": True}
+        self.opened_backing_from_header = True
+        try:
+            return self.graph._open_tree(options)
+        except QMPError as exc:
+            raise QMPError(f"Could not open backing file: {exc.desc}") from None
+
+    def _resolve(self, name: str) -> str:
+        """QEMU's path_combine: relative to the directory of the overlay's file."""
+        if os.path.isabs(name):
+            return name
+        base = self.children["file"].exact_filename() or ""
+        directory = os.path.dirname(base)
+        return os.path.join(directory, name) if directory else name
+
+    def _probe(self, path: str) -> str:
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(4)
+        except OSError:
+            return "raw"
+        return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+    def close(self) -> None:
+        backing = self.backing_node()
+        if backing is not None:
+            backing.remove_blockers(self)
+        image = self.image
+        if image is None or image.read_only:
+            return
+        self.image = None
+        storage = SyncStorage(self.children["file"])
+        try:
+            for step in image.pending_writes():
+                if step is None:
+                    run_now(storage.flush())
+                else:
+                    run_now(storage.pwrite(*step))
+        except OSError:
+            pass     # QEMU reports a failed close flush on stderr and goes on
+
+    # --- I/O ----------------------------------------------------------------------------
+
+    def _require_image(self) -> Qcow2Image:
+        if self.image is None:
+            raise io_error(errno.EBADF)
+        return self.image
+
+    async def _read_backing(self, offset: int, length: int) -> bytes:
+        backing = self.backing_node()
+        if backing is None or offset >= backing.size:
+            return bytes(length)
+        inside = min(length, backing.size - offset)
+        data = await backing.co_pread(offset, inside)
+        return data + bytes(length - len(data))
+
+    async def _preadv(self, offset: int, length: int) -> bytes:
+        return await self._require_image().read(offset, length)
+
+    async def _pwritev(self, offset: int, data: bytes) -> None:
+        await self._require_image().write(offset, data)
+
+    async def co_pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False,
+                               may_unmap: bool = False) -> None:
+        """Zero writes with the zero flag (the generic version would write data).
+        MAY_UNMAP only counts on a node opened with discard=unmap, as in QEMU."""
+        self._check_request(offset, length)
+        if self.read_only:
+            raise io_error(errno.EPERM)
+        if offset + length > self.size:
+            raise io_error(errno.EIO)
+        if not length:
+            return
+        self.write_generation += 1
+        self.write_request_started(offset, length)
+        try:
+            with self._request():
+                await self._require_image().write_zeroes(offset, length,
+                                                         may_unmap and self.discard_unmap)
+        finally:
+            self.write_request_finished(offset, length)
+
+    async def _pdiscard(self, offset: int, length: int) -> None:
+        await self._require_image().discard(offset, length)
+
+    async def _flush(self) -> None:
+        await self._require_image().flush()
+        await self.children["file"].co_flush()
+
+    def block_status(self, offset: int, length: int) -> tuple[str, int]:
+        """Data, zero or (unallocated) the backing chain's answer, for the run of
+        clusters like the one at ``offset``."""
+        image = self._require_image()
+        cs = image.cluster_size
+        kind = self._kind_at(image, offset)
+        end = min(offset + length, image.size)
+        pos = (offset // cs + 1) * cs
+        while pos < end and self._kind_at(image, pos) == kind:
+            pos += cs
+        count = max(1, min(pos, end) - offset)
+        if kind == "unallocated":
+            backing = self.backing_node()
+            if backing is None or offset >= backing.size:
+                return ("zero", count)
+            return backing.block_status(offset, min(count, backing.size - offset))
+        return (kind, count)
+
+    def _kind_at(self, image: Qcow2Image, offset: int) -> str:
+        entry = image.cached_entry(offset)
+        if entry is None:
+            # Not cached: read the L2 table here (a small metadata read, as
+            # QEMU's block-status does inside its request).
+            l2_offset = image.l2_table_offset(offset)
+            table = run_now(SyncStorage(self.children["file"]).pread(l2_offset,
+                                                                     image.cluster_size))
+            image.remember_l2(l2_offset, table)
+            entry = image.entry_from(table, offset)
+        kind = image.cluster_kind(entry)
+        if kind in (NORMAL, COMPRESSED):
+            return "data"
+        if kind == UNALLOCATED:
+            return "unallocated"
+        return "zero"
+
+    def can_write_zeroes_with_unmap(self) -> bool:
+        return self.discard_unmap
+
+    def block_limits(self) -> dict:
+        limits = super().block_limits()
+        cluster = self.image.cluster_size if self.image is not None else 65536
+        # Zero and discard requests work in whole clusters.
+        ordered = {"request-alignment": limits.pop("request-alignment"),
+                   "discard-alignment": cluster, "write-zeroes-alignment": cluster}
+        ordered.update(limits)
+        return ordered
+
+    def supports_unmap(self) -> bool:
+        return True
+
+    # --- relations and names ------------------------------------------------------------
+
+    def backing_node(self) -> BlockNode | None:
+        return self.children.get("backing")
+
+    def backing_file_name(self) -> str | None:
+        backing = self.backing_node()
+        return backing.filename() if backing is not None else None
+
+    def _backing_overridden(self) -> bool:
+        """QEMU's rule for json: filenames: the backing differs from what the
+        header names (or the header names one and there is none)."""
+        image = self.image
+        header_name = image.header.backing_file if image is not None else None
+        backing = self.backing_node()
+        if backing is None:
+            return header_name is not None
+        if self.opened_backing_from_header:
+            return False
+        return header_name != backing.filename()
+
+    def full_open_options(self) -> dict:
+        opts: dict = {"file": self.children["file"].full_open_options()}
+        if self._backing_overridden():
+            backing = self.backing_node()
+            opts["backing"] = backing.full_open_options() if backing is not None else None
+        opts["driver"] = self.driver
+        return opts
+
+    def exact_filename(self) -> str | None:
+        if self._backing_overridden():
+            return None
+        return self.children["file"].exact_filename()
+
+    def actual_size(self) -> int | None:
+        return self.children["file"].actual_size()
+
+    def has_dirty_flag(self) -> bool:
+        return True
+
+    def image_dirty(self) -> bool:
+        return bool(self.image is not None and self.image.header.dirty)
+
+    def image_details(self) -> dict:
+        image = self.image
+        if image is None:
+            return {}
+        header = image.header
+        details: dict = {"cluster-size": header.cluster_size}
+        if header.backing_file is not None:
+            details["backing-filename"] = header.backing_file
+            details["full-backing-filename"] = self._resolve(header.backing_file)
+            if header.backing_format is not None:
+                details["backing-filename-format"] = header.backing_format
+        return details
+
+    def format_specific_info(self, who: Any) -> dict | None:
+        image = self.image
+        if image is None:
+            return None
+        header = image.header
+        data: dict = {"compat": "0.10" if header.version == 2 else "1.1"}
+        if header.version >= 3:
+            data["extended-l2"] = header.extended_l2
+            data["lazy-refcounts"] = header.lazy_refcounts
+            data["corrupt"] = header.corrupt
+        data["refcount-bits"] = header.refcount_bits
+        data["compression-type"] = ("zlib" if header.compression_type == C.COMPRESSION_ZLIB
+                                    else "zstd")
+        return {"type": "qcow2", "data": data}

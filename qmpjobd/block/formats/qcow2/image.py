@@ -1,0 +1,864 @@
+"""An open qcow2 image: L1/L2 lookup, refcounts, allocation, and the request paths.
+
+The allocator follows QEMU's rules so that the same sequence of operations gives
+the same layout (first fit from a cursor that moves back when a cluster is freed;
+new refcount blocks placed where they can describe themselves; a new refcount
+table built at the end of the image and switched to with one header write). That
+is what makes ``blockdev-create`` write the bytes QEMU writes.
+
+Crash safety (DESIGN.md decision 10), with write-back caches of L2 tables and
+refcount blocks:
+
+* a refcount increase reaches the disk before the L2 (or L1) entry that uses the
+  cluster: the L2 cache depends on the refcount cache and is written only after
+  it, with a flush in between;
+* guest data reaches the disk before the L2 entry that points to it: writing the
+  L2 cache is preceded by a flush when data was written since the last one;
+* when a cluster is freed, the L2 change is written before the refcount decrease
+  (the reverse dependency);
+* a new L2 table, a new refcount block and a new refcount table are written in
+  full (and flushed) before the single entry or header field that links them.
+
+A kill at any instant therefore leaves leaked clusters at worst. Lazy refcounts
+are accepted as an option but refcounts are always kept exact, so the dirty bit
+is never set by qmpjobd.
+
+Requests are serialised by one lock; guest data moves through the storage (the
+thread pool for a ``file`` child) and never through the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from qmpjobd.block.formats.qcow2 import constants as C
+from qmpjobd.block.formats.qcow2.cache import TableCache
+from qmpjobd.block.formats.qcow2.header import Header, Qcow2OpenError, header_cluster_bits, parse_header
+from qmpjobd.block.formats.qcow2.refcount import (
+    get_refcount,
+    refcount_max,
+    refcount_metadata_clusters,
+    set_refcount,
+)
+from qmpjobd.block.formats.qcow2.storage import Storage
+
+_U64 = struct.Struct(">Q")
+
+# Cluster kinds of an L2 entry.
+UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED = range(5)
+
+# Reads through the backing chain: (offset, length) -> bytes, zeroes past its end.
+BackingRead = Callable[[int, int], Awaitable[bytes]]
+
+
+def eio() -> OSError:
+    return OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+class _Again(Exception):
+    """QEMU's -EAGAIN: metadata was allocated, restart the free-space search."""
+
+
+@dataclass
+class Options:
+    """Runtime options of the qcow2 node that change behaviour here."""
+
+    discard_no_unref: bool = False
+    l2_cache_entries: int = 512          # 32 MiB of 64 KiB tables, QEMU's default cap
+    refcount_cache_entries: int = 256
+
+
+class Qcow2Image:
+    def __init__(self, storage: Storage, header: Header, l1: list[int],
+                 reftable: list[int], read_only: bool, options: Options) -> None:
+        self.storage = storage
+        self.header = header
+        self.read_only = read_only
+        self.options = options
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_entries = header.l2_entries
+        self.l2_bits = self.cluster_bits - 3
+        self.refcount_order = header.refcount_order
+        self.refcount_block_bits = self.cluster_bits + 3 - self.refcount_order
+        self.refcount_block_entries = 1 << self.refcount_block_bits
+        self.refcount_max = refcount_max(self.refcount_order)
+        self.l1 = l1
+        self.reftable = reftable
+        self.free_cluster_index = 0
+        self.l2_cache = TableCache("l2", options.l2_cache_entries)
+        self.refcount_cache = TableCache("refcount", options.refcount_cache_entries)
+        self.data_since_flush = False
+        self.backing: BackingRead | None = None
+        self.lock = asyncio.Lock()
+        csize_shift = 62 - (self.cluster_bits - 8)
+        self._csize_shift = csize_shift
+        self._csize_mask = (1 << (self.cluster_bits - 8)) - 1
+        self._coffset_mask = (1 << csize_shift) - 1
+
+    # --- opening ----------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, storage: Storage, *, read_only: bool,
+                   options: Options | None = None) -> "Qcow2Image":
+        """Read and check the header, the L1 table and the refcount table."""
+        first = await storage.pread(0, 4096)
+        bits = header_cluster_bits(first)
+        if bits is not None and C.MIN_CLUSTER_BITS <= bits <= C.MAX_CLUSTER_BITS \
+                and (1 << bits) > len(first):
+            first = await storage.pread(0, 1 << bits)
+        header = parse_header(first, read_write=not read_only)
+        refuse_unsupported(header, read_only)
+        l1_raw = await storage.pread(header.l1_table_offset, header.l1_size * 8)
+        l1 = list(struct.unpack(f">{header.l1_size}Q", l1_raw))
+        entries = header.refcount_table_clusters * header.cluster_size // 8
+        rt_raw = await storage.pread(header.refcount_table_offset, entries * 8)
+        reftable = list(struct.unpack(f">{entries}Q", rt_raw))
+        image = cls(storage, header, l1, reftable, read_only, options or Options())
+        if not read_only and header.autoclear_features:
+            # Unknown autoclear bits must be cleared before the first write.
+            header.autoclear_features = 0
+            await image.write_header()
+        return image
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    # --- small helpers ----------------------------------------------------------------
+
+    def _offset_in_cluster(self, offset: int) -> int:
+        return offset & (self.cluster_size - 1)
+
+    def _start_of_cluster(self, offset: int) -> int:
+        return offset & ~(self.cluster_size - 1)
+
+    def _clusters(self, length: int) -> int:
+        return (length + self.cluster_size - 1) >> self.cluster_bits
+
+    def cluster_kind(self, entry: int) -> int:
+        if entry & C.OFLAG_COMPRESSED:
+            return COMPRESSED
+        if entry & C.OFLAG_ZERO:
+            return ZERO_ALLOC if entry & C.L2E_OFFSET_MASK else ZERO_PLAIN
+        return NORMAL if entry & C.L2E_OFFSET_MASK else UNALLOCATED
+
+    async def write_header(self) -> None:
+        await self.storage.pwrite(0, self.header.pack())
+        await self.storage.flush()
+
+    # --- caches -----------------------------------------------------------------------
+
+    async def _cache_get(self, cache: TableCache, offset: int) -> bytearray:
+        table = cache.lookup(offset)
+        if table is not None:
+            return table
+        await self._make_room(cache)
+        data = await self.storage.pread(offset, self.cluster_size)
+        table = cache.lookup(offset)      # another request may have loaded it
+        if table is not None:
+            return table
+        return cache.insert(offset, bytearray(data))
+
+    async def _cache_get_empty(self, cache: TableCache, offset: int) -> bytearray:
+        await self._make_room(cache)
+        return cache.insert(offset, bytearray(self.cluster_size))
+
+    async def _make_room(self, cache: TableCache) -> None:
+        if cache.full() and not cache.evict_clean():
+            await self.flush_cache(cache)
+            cache.evict_clean()
+
+    async def flush_cache(self, cache: TableCache) -> None:
+        """Write ``cache`` (after what it depends on) and flush the file."""
+        if cache.depends_on is not None:
+            dependency = cache.depends_on
+            cache.depends_on = None
+            await self.flush_cache(dependency)
+        if cache is self.l2_cache and self.data_since_flush and cache.dirty:
+            await self.storage.flush()
+            self.data_since_flush = False
+        dirty = cache.take_dirty()
+        for offset, data in dirty:
+            await self.storage.pwrite(offset, data)
+        if dirty:
+            await self.storage.flush()
+
+    async def _set_dependency(self, cache: TableCache, dependency: TableCache) -> None:
+        """``cache`` may only be written after ``dependency``."""
+        if dependency.depends_on is not None:
+            await self.flush_cache(dependency)
+        if cache.depends_on is not None and cache.depends_on is not dependency:
+            await self.flush_cache(cache)
+        cache.depends_on = dependency
+
+    async def flush(self) -> None:
+        """Everything in the caches to the disk, in dependency order, then the
+        file itself."""
+        await self.flush_cache(self.l2_cache)
+        await self.flush_cache(self.refcount_cache)
+        if self.data_since_flush:
+            await self.storage.flush()
+            self.data_since_flush = False
+
+    def pending_writes(self) -> list[tuple[int, bytes] | None]:
+        """What a flush would write, in order, with None where a flush of the file
+        must come in between (for a close that cannot await)."""
+        first, second = self.l2_cache, self.refcount_cache
+        if first.depends_on is second:
+            first, second = second, first
+        first.depends_on = second.depends_on = None
+        plan: list[tuple[int, bytes] | None] = []
+        if first is self.l2_cache and first.dirty and self.data_since_flush:
+            plan.append(None)
+        plan.extend(first.take_dirty())
+        plan.append(None)
+        if second is self.l2_cache and second.dirty and self.data_since_flush:
+            plan.append(None)
+        plan.extend(second.take_dirty())
+        plan.append(None)
+        self.data_since_flush = False
+        return plan
+
+    def dirty_metadata(self) -> bool:
+        return bool(self.l2_cache.dirty or self.refcount_cache.dirty)
+
+    # --- refcounts --------------------------------------------------------------------
+
+    def _reftable_block(self, table_index: int) -> int:
+        if table_index >= len(self.reftable):
+            return 0
+        block = self.reftable[table_index] & C.REFT_OFFSET_MASK
+        if block % self.cluster_size:
+            raise eio()
+        return block
+
+    async def get_refcount(self, cluster_index: int) -> int:
+        block_offset = self._reftable_block(cluster_index >> self.refcount_block_bits)
+        if not block_offset:
+            return 0
+        block = await self._cache_get(self.refcount_cache, block_offset)
+        return get_refcount(block, cluster_index & (self.refcount_block_entries - 1),
+                            self.refcount_order)
+
+    async def _alloc_clusters_noref(self, count: int) -> int:
+        """First fit: the index of ``count`` free clusters from the cursor on."""
+        found = 0
+        while found < count:
+            index = self.free_cluster_index
+            self.free_cluster_index += 1
+            found = found + 1 if await self.get_refcount(index) == 0 else 0
+        if (self.free_cluster_index - 1) > (C.MAX_CLUSTER_OFFSET >> self.cluster_bits):
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        return self.free_cluster_index - count
+
+    async def alloc_clusters(self, length: int) -> int:
+        """Allocate clusters for ``length`` bytes; returns the host offset."""
+        while True:
+            index = await self._alloc_clusters_noref(self._clusters(length))
+            try:
+                await self.update_refcount(index << self.cluster_bits, length, 1, False)
+            except _Again:
+                continue
+            return index << self.cluster_bits
+
+    async def alloc_clusters_at(self, offset: int, count: int) -> int:
+        """Allocate up to ``count`` clusters exactly at ``offset``; how many were free."""
+        if count == 0:
+            return 0
+        while True:
+            index = offset >> self.cluster_bits
+            free = 0
+            while free < count and await self.get_refcount(index + free) == 0:
+                free += 1
+            try:
+                await self.update_refcount(offset, free << self.cluster_bits, 1, False)
+            except _Again:
+                continue
+            return free
+
+    async def free_clusters(self, offset: int, length: int) -> None:
+        await self.update_refcount(offset, length, 1, True)
+
+    async def update_refcount(self, offset: int, length: int, addend: int,
+                              decrease: bool) -> None:
+        if length <= 0:
+            return
+        if decrease:
+            await self._set_dependency(self.refcount_cache, self.l2_cache)
+        start = self._start_of_cluster(offset)
+        last = self._start_of_cluster(offset + length - 1)
+        cluster_offset = start
+        old_table_index = -1
+        block_offset = 0
+        try:
+            while cluster_offset <= last:
+                cluster_index = cluster_offset >> self.cluster_bits
+                table_index = cluster_index >> self.refcount_block_bits
+                if table_index != old_table_index:
+                    try:
+                        block_offset = await self._alloc_refcount_block(cluster_index)
+                    except _Again:
+                        self.free_cluster_index = min(self.free_cluster_index,
+                                                      start >> self.cluster_bits)
+                        raise
+                old_table_index = table_index
+                block = await self._cache_get(self.refcount_cache, block_offset)
+                self.refcount_cache.mark_dirty(block_offset)
+                index = cluster_index & (self.refcount_block_entries - 1)
+                refcount = get_refcount(block, index, self.refcount_order)
+                refcount = refcount - addend if decrease else refcount + addend
+                if refcount < 0 or refcount > self.refcount_max:
+                    raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+                set_refcount(block, index, self.refcount_order, refcount)
+                if refcount == 0:
+                    self.free_cluster_index = min(self.free_cluster_index, cluster_index)
+                    # A freed table's cached copy must never be written back.
+                    if cluster_offset != block_offset:
+                        self.refcount_cache.discard(cluster_offset)
+                    self.l2_cache.discard(cluster_offset)
+                cluster_offset += self.cluster_size
+        except BaseException:
+            # Undo what this call changed (QEMU does the same), then report.
+            try:
+                await self.update_refcount(offset, cluster_offset - offset, addend, not decrease)
+            except (OSError, _Again):
+                pass
+            raise
+
+    async def _alloc_refcount_block(self, cluster_index: int) -> int:
+        """The refcount block for ``cluster_index``; allocates one (raising _Again
+        afterwards) when there is none."""
+        table_index = cluster_index >> self.refcount_block_bits
+        existing = self._reftable_block(table_index)
+        if existing:
+            return existing
+        # The refcount table will change: L2 tables first.
+        await self.flush_cache(self.l2_cache)
+        new_block = (await self._alloc_clusters_noref(1)) << self.cluster_bits
+        if new_block == 0:
+            raise eio()
+        block_shift = self.cluster_bits + self.refcount_block_bits
+        if new_block >> block_shift == cluster_index >> self.refcount_block_bits:
+            block = await self._cache_get_empty(self.refcount_cache, new_block)
+            set_refcount(block, (new_block >> self.cluster_bits)
+                         & (self.refcount_block_entries - 1), self.refcount_order, 1)
+        else:
+            await self.update_refcount(new_block, self.cluster_size, 1, False)
+            await self.flush_cache(self.refcount_cache)
+            await self._cache_get_empty(self.refcount_cache, new_block)
+        self.refcount_cache.mark_dirty(new_block)
+        await self.flush_cache(self.refcount_cache)
+        if table_index < len(self.reftable):
+            await self.storage.pwrite(self.header.refcount_table_offset + table_index * 8,
+                                      _U64.pack(new_block))
+            await self.storage.flush()
+            self.reftable[table_index] = new_block
+            raise _Again()
+        blocks_used = -(-max(cluster_index + 1, (new_block >> self.cluster_bits) + 1)
+                        // self.refcount_block_entries)
+        meta_offset = blocks_used * self.refcount_block_entries * self.cluster_size
+        await self.refcount_area(meta_offset, 0, False, table_index, new_block)
+        raise _Again()
+
+    async def refcount_area(self, start_offset: int, additional_clusters: int,
+                            exact_size: bool, new_index: int = 0,
+                            new_block: int = 0) -> int:
+        """Build a new refcount table (and the blocks it needs) at ``start_offset``,
+        covering itself and ``additional_clusters`` more; switch the header to it;
+        free the old table. Returns the offset after the new structures."""
+        cs = self.cluster_size
+        total_blocks, _ = refcount_metadata_clusters(
+            start_offset // cs + additional_clusters, cs, self.refcount_order,
+            not exact_size)
+        if total_blocks > C.MAX_REFTABLE_SIZE_BYTES:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        area_index = (start_offset // cs) // self.refcount_block_entries
+        table_size = total_blocks if exact_size else total_blocks + -(-total_blocks // 2)
+        per_cluster = cs // 8
+        table_size = -(-table_size // per_cluster) * per_cluster
+        table_clusters = table_size * 8 // cs
+        if table_size * 8 > C.MAX_REFTABLE_SIZE_BYTES:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        new_table = [0] * table_size
+        keep = min(len(self.reftable), table_size)
+        new_table[:keep] = self.reftable[:keep]
+        if new_block:
+            new_table[new_index] = new_block
+        missing = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
+        table_offset = start_offset + missing * cs
+        end_offset = table_offset + table_clusters * cs
+        block_offset = start_offset
+        for i in range(area_index, total_blocks):
+            if new_table[i]:
+                block = await self._cache_get(self.refcount_cache, new_table[i])
+            else:
+                block = await self._cache_get_empty(self.refcount_cache, block_offset)
+                self.refcount_cache.mark_dirty(block_offset)
+                new_table[i] = block_offset
+                block_offset += cs
+            first_covered = i * self.refcount_block_entries * cs
+            if first_covered < end_offset:
+                j = (start_offset - first_covered) // cs if first_covered < start_offset else 0
+                end_index = min((end_offset - first_covered) // cs, self.refcount_block_entries)
+                for index in range(j, end_index):
+                    set_refcount(block, index, self.refcount_order, 1)
+                self.refcount_cache.mark_dirty(new_table[i])
+        await self.flush_cache(self.refcount_cache)
+        await self.storage.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table))
+        await self.storage.flush()
+        await self.storage.pwrite(48, struct.pack(">QI", table_offset, table_clusters))
+        await self.storage.flush()
+        old_offset, old_size = self.header.refcount_table_offset, len(self.reftable)
+        self.reftable = new_table
+        self.header.refcount_table_offset = table_offset
+        self.header.refcount_table_clusters = table_clusters
+        await self.free_clusters(old_offset, old_size * 8)
+        return end_offset
+
+    # --- L1 / L2 ----------------------------------------------------------------------
+
+    def _l1_index(self, offset: int) -> int:
+        return offset >> (self.cluster_bits + self.l2_bits)
+
+    def _l2_index(self, offset: int) -> int:
+        return (offset >> self.cluster_bits) & (self.l2_entries - 1)
+
+    def _l2_offset(self, l1_index: int) -> int:
+        if l1_index >= len(self.l1):
+            return 0
+        entry = self.l1[l1_index]
+        if entry & C.L1E_RESERVED_MASK & ~C.OFLAG_COPIED:
+            raise eio()
+        l2_offset = entry & C.L1E_OFFSET_MASK
+        if l2_offset % self.cluster_size:
+            raise eio()
+        return l2_offset
+
+    async def _l2_for_read(self, offset: int) -> bytearray | None:
+        l2_offset = self._l2_offset(self._l1_index(offset))
+        if not l2_offset:
+            return None
+        return await self._cache_get(self.l2_cache, l2_offset)
+
+    async def _l2_for_write(self, offset: int) -> tuple[int, bytearray]:
+        """The L2 table for ``offset``, allocated (or copied, when shared) first."""
+        l1_index = self._l1_index(offset)
+        entry = self.l1[l1_index]
+        l2_offset = self._l2_offset(l1_index)
+        if l2_offset and entry & C.OFLAG_COPIED:
+            return l2_offset, await self._cache_get(self.l2_cache, l2_offset)
+        return await self._allocate_l2(l1_index, l2_offset)
+
+    async def _allocate_l2(self, l1_index: int, old_offset: int) -> tuple[int, bytearray]:
+        new_offset = await self.alloc_clusters(self.cluster_size)
+        await self.flush_cache(self.refcount_cache)
+        table = await self._cache_get_empty(self.l2_cache, new_offset)
+        if old_offset:
+            old = await self.storage.pread(old_offset, self.cluster_size)
+            table[:] = old
+        self.l2_cache.mark_dirty(new_offset)
+        await self.flush_cache(self.l2_cache)
+        await self._write_l1_entry(l1_index, new_offset | C.OFLAG_COPIED)
+        if old_offset:
+            await self.free_clusters(old_offset, self.cluster_size)
+        return new_offset, table
+
+    async def _write_l1_entry(self, index: int, value: int) -> None:
+        self.l1[index] = value
+        await self.storage.pwrite(self.header.l1_table_offset + index * 8, _U64.pack(value))
+        await self.storage.flush()
+
+    async def grow_l1(self, min_size: int) -> None:
+        """A new L1 table of exactly ``min_size`` entries (creation and growth)."""
+        if min_size <= len(self.l1):
+            return
+        if min_size > C.MAX_L1_SIZE_BYTES // 8:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        new_table = self.l1 + [0] * (min_size - len(self.l1))
+        new_offset = await self.alloc_clusters(min_size * 8)
+        await self.flush_cache(self.refcount_cache)
+        await self.storage.pwrite(new_offset, struct.pack(f">{min_size}Q", *new_table))
+        await self.storage.flush()
+        await self.storage.pwrite(36, struct.pack(">IQ", min_size, new_offset))
+        await self.storage.flush()
+        old_offset, old_size = self.header.l1_table_offset, len(self.l1)
+        self.l1 = new_table
+        self.header.l1_table_offset = new_offset
+        self.header.l1_size = min_size
+        await self.free_clusters(old_offset, old_size * 8)
+
+    def _entry(self, table: bytearray, index: int) -> int:
+        return _U64.unpack_from(table, index * 8)[0]
+
+    def _set_entry(self, table: bytearray, index: int, value: int) -> None:
+        _U64.pack_into(table, index * 8, value)
+
+    def _check_entry(self, entry: int) -> None:
+        kind = self.cluster_kind(entry)
+        if kind in (NORMAL, ZERO_ALLOC) and (entry & C.L2E_OFFSET_MASK) % self.cluster_size:
+            raise eio()
+
+    # --- reading ----------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        async with self.lock:
+            return await self._read(offset, length)
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        parts: list[bytes] = []
+        end = offset + length
+        while offset < end:
+            l2 = await self._l2_for_read(offset)
+            # A run of clusters of one kind, inside one L2 table.
+            index = self._l2_index(offset)
+            table_end = min(end, (self._l1_index(offset) + 1) << (self.cluster_bits + self.l2_bits))
+            entry = self._entry(l2, index) if l2 is not None else 0
+            self._check_entry(entry)
+            kind = self.cluster_kind(entry)
+            run_end = self._run_end(l2, index, offset, table_end, entry, kind)
+            parts.append(await self._read_run(kind, entry, offset, run_end - offset))
+            offset = run_end
+        return b"".join(parts)
+
+    def _run_end(self, l2: bytearray | None, index: int, offset: int, limit: int,
+                 entry: int, kind: int) -> int:
+        """Where the run of clusters like the one at ``offset`` ends (at most ``limit``)."""
+        cluster_end = self._start_of_cluster(offset) + self.cluster_size
+        if kind == COMPRESSED or l2 is None:
+            return min(limit, cluster_end) if l2 is not None else limit
+        host = entry & C.L2E_OFFSET_MASK
+        pos = cluster_end
+        step = 1
+        while pos < limit:
+            nxt = self._entry(l2, index + step)
+            nkind = self.cluster_kind(nxt)
+            if nkind != kind and not ({nkind, kind} <= {ZERO_PLAIN, ZERO_ALLOC}):
+                break
+            if kind == NORMAL and (nxt & C.L2E_OFFSET_MASK) != host + step * self.cluster_size:
+                break
+            pos += self.cluster_size
+            step += 1
+        return min(pos, limit)
+
+    async def _read_run(self, kind: int, entry: int, offset: int, length: int) -> bytes:
+        if kind == NORMAL:
+            host = (entry & C.L2E_OFFSET_MASK) + self._offset_in_cluster(offset)
+            return await self.storage.pread(host, length)
+        if kind == COMPRESSED:
+            cluster = await self._read_compressed(entry)
+            start = self._offset_in_cluster(offset)
+            return cluster[start:start + length]
+        if kind == UNALLOCATED and self.backing is not None:
+            return await self.backing(offset, length)
+        return bytes(length)
+
+    async def _read_compressed(self, entry: int) -> bytes:
+        coffset = entry & self._coffset_mask
+        sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+        nbytes = sectors * C.COMPRESSED_SECTOR - (coffset & (C.COMPRESSED_SECTOR - 1))
+        raw = await self.storage.pread(coffset, nbytes)
+        try:
+            inflater = zlib.decompressobj(-15)
+            data = inflater.decompress(raw, self.cluster_size)
+        except zlib.error:
+            raise eio() from None
+        if len(data) != self.cluster_size:
+            raise eio()
+        return data
+
+    async def _cluster_content(self, entry: int, guest_cluster: int, start: int,
+                               end: int) -> bytes:
+        """Bytes [start, end) of a guest cluster as it reads now (for COW)."""
+        if end <= start:
+            return b""
+        kind = self.cluster_kind(entry)
+        return await self._read_run(kind, entry, guest_cluster + start, end - start)
+
+    # --- writing ----------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    async def write(self, offset: int, data: bytes) -> None:
+        self._check_writable()
+        async with self.lock:
+            view = memoryview(data)
+            while view:
+                chunk = self._table_chunk(offset, len(view))
+                await self._write_in_table(offset, view[:chunk])
+                offset += chunk
+                view = view[chunk:]
+
+    def _table_chunk(self, offset: int, length: int) -> int:
+        table_bytes = 1 << (self.cluster_bits + self.l2_bits)
+        return min(length, table_bytes - (offset & (table_bytes - 1)))
+
+    async def _write_in_table(self, offset: int, data: memoryview) -> None:
+        _, l2 = await self._l2_for_write(offset)
+        end = offset + len(data)
+        pos = offset
+        while pos < end:
+            index = self._l2_index(pos)
+            entry = self._entry(l2, index)
+            self._check_entry(entry)
+            in_place = self.cluster_kind(entry) == NORMAL and entry & C.OFLAG_COPIED
+            run_end = self._write_run_end(l2, index, pos, end, bool(in_place))
+            part = data[pos - offset:run_end - offset]
+            if in_place:
+                host = (entry & C.L2E_OFFSET_MASK) + self._offset_in_cluster(pos)
+                await self.storage.pwrite(host, bytes(part))
+                self.data_since_flush = True
+            else:
+                l2_offset, l2 = await self._l2_for_write(pos)
+                await self._write_allocating(l2_offset, l2, pos, part)
+            pos = run_end
+
+    def _write_run_end(self, l2: bytearray, index: int, pos: int, end: int,
+                       in_place: bool) -> int:
+        """End of the run of clusters that are all in place (and contiguous) or all
+        in need of new clusters."""
+        first = self._entry(l2, index)
+        host = first & C.L2E_OFFSET_MASK
+        run = self._start_of_cluster(pos) + self.cluster_size
+        step = 1
+        while run < end:
+            entry = self._entry(l2, index + step)
+            this_in_place = self.cluster_kind(entry) == NORMAL and bool(entry & C.OFLAG_COPIED)
+            if this_in_place != in_place:
+                break
+            if in_place and (entry & C.L2E_OFFSET_MASK) != host + step * self.cluster_size:
+                break
+            run += self.cluster_size
+            step += 1
+        return min(run, end)
+
+    async def _write_allocating(self, l2_offset: int, l2: bytearray, pos: int,
+                                part: memoryview) -> None:
+        """New clusters for [pos, pos+len): head/tail copied from what the guest
+        sees now, data written, then the L2 entries, then old clusters freed."""
+        first_cluster = self._start_of_cluster(pos)
+        end = pos + len(part)
+        last_end = self._start_of_cluster(end - 1) + self.cluster_size
+        count = (last_end - first_cluster) >> self.cluster_bits
+        index = self._l2_index(pos)
+        old_entries = [self._entry(l2, index + i) for i in range(count)]
+        head = await self._cluster_content(old_entries[0], first_cluster, 0,
+                                           pos - first_cluster)
+        tail_cluster = last_end - self.cluster_size
+        tail = await self._cluster_content(old_entries[-1], tail_cluster,
+                                           end - tail_cluster, self.cluster_size)
+        host = await self.alloc_clusters(count * self.cluster_size)
+        await self.storage.pwrite(host, head + bytes(part) + tail)
+        self.data_since_flush = True
+        await self._set_dependency(self.l2_cache, self.refcount_cache)
+        l2 = await self._cache_get(self.l2_cache, l2_offset)
+        for i in range(count):
+            self._set_entry(l2, index + i, (host + i * self.cluster_size) | C.OFLAG_COPIED)
+        self.l2_cache.mark_dirty(l2_offset)
+        for old in old_entries:
+            await self._release_entry(old)
+
+    async def _release_entry(self, entry: int) -> None:
+        """Drop the reference an L2 entry held (after the entry was changed)."""
+        kind = self.cluster_kind(entry)
+        if kind in (NORMAL, ZERO_ALLOC):
+            await self.free_clusters(entry & C.L2E_OFFSET_MASK, self.cluster_size)
+        elif kind == COMPRESSED:
+            coffset = entry & self._coffset_mask
+            sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+            last = (coffset & ~(C.COMPRESSED_SECTOR - 1)) + sectors * C.COMPRESSED_SECTOR - 1
+            first = self._start_of_cluster(coffset)
+            await self.free_clusters(first, last - first + 1)
+
+    # --- zeroes and discard -------------------------------------------------------------
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Make [offset, offset+length) read as zeroes, without writing data where
+        the format can say so (QEMU's qcow2_co_pwrite_zeroes, with the generic
+        layer's split into an unaligned head, whole clusters and a tail)."""
+        self._check_writable()
+        end = offset + length
+        aligned_start = min(end, -(-offset // self.cluster_size) * self.cluster_size)
+        aligned_end = end if end == self.size else self._start_of_cluster(end)
+        aligned_end = max(aligned_end, aligned_start)
+        if offset < aligned_start:
+            await self._zero_piece(self._start_of_cluster(offset), offset, aligned_start,
+                                   may_unmap)
+        if aligned_start < aligned_end:
+            async with self.lock:
+                await self._zeroize(aligned_start, aligned_end - aligned_start, may_unmap)
+        if aligned_end < end:
+            await self._zero_piece(aligned_end, aligned_end, end, may_unmap)
+
+    async def _zero_piece(self, cluster: int, start: int, end: int, may_unmap: bool) -> None:
+        async with self.lock:
+            done = await self._zero_partial(cluster, start, end, may_unmap)
+        if not done:
+            await self.write(start, bytes(end - start))
+
+    async def _zero_partial(self, cluster: int, start: int, end: int, may_unmap: bool) -> bool:
+        """A zero write inside one cluster: done without data if the rest of the
+        cluster already reads as zeroes and the cluster holds no data."""
+        cluster_end = min(cluster + self.cluster_size, self.size)
+        before = await self._read(cluster, start - cluster) if start > cluster else b""
+        after = await self._read(end, cluster_end - end) if cluster_end > end else b""
+        if before.count(0) != len(before) or after.count(0) != len(after):
+            return False
+        l2 = await self._l2_for_read(cluster)
+        entry = self._entry(l2, self._l2_index(cluster)) if l2 is not None else 0
+        if self.cluster_kind(entry) not in (UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC):
+            return False
+        await self._zeroize(cluster, self.cluster_size, may_unmap)
+        return True
+
+    async def _zeroize(self, offset: int, length: int, may_unmap: bool) -> None:
+        if self.header.version < 3:
+            if self.backing is None:
+                await self._discard_clusters(offset, length, full=False)
+                return
+            # v2 with a backing file has no way to say "zero": write data.
+            await self._write_zero_data(offset, length)
+            return
+        end = offset + length
+        while offset < end:
+            chunk = self._table_chunk(offset, end - offset)
+            l2_offset, l2 = await self._l2_for_write(offset)
+            index = self._l2_index(offset)
+            freed = []
+            for i in range(self._clusters(chunk)):
+                old = self._entry(l2, index + i)
+                kind = self.cluster_kind(old)
+                unmap = kind == COMPRESSED or (may_unmap and kind in (NORMAL, ZERO_ALLOC))
+                new = (0 if unmap else old) | C.OFLAG_ZERO
+                if new == old:
+                    continue
+                if unmap:
+                    await self._set_dependency(self.refcount_cache, self.l2_cache)
+                self._set_entry(l2, index + i, new)
+                self.l2_cache.mark_dirty(l2_offset)
+                if unmap:
+                    freed.append(old)
+            for old in freed:
+                await self._release_entry(old)
+            offset += chunk
+
+    async def _write_zero_data(self, offset: int, length: int) -> None:
+        step = 1 << 20
+        end = offset + length
+        while offset < end:
+            n = min(step, end - offset)
+            await self._write_unlocked(offset, bytes(n))
+            offset += n
+
+    async def _write_unlocked(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            chunk = self._table_chunk(offset, len(view))
+            await self._write_in_table(offset, view[:chunk])
+            offset += chunk
+            view = view[chunk:]
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Guest discard: whole clusters only (and the partial last one)."""
+        self._check_writable()
+        if self.header.version < 3 and self.backing is not None:
+            return                    # QEMU: not supported, silently dropped
+        start = -(-offset // self.cluster_size) * self.cluster_size
+        end = offset + length
+        if end != self.size:
+            end = self._start_of_cluster(end)
+        if end <= start:
+            return
+        async with self.lock:
+            await self._discard_clusters(start, end - start, full=False)
+
+    async def _discard_clusters(self, offset: int, length: int, full: bool) -> None:
+        end = offset + length
+        while offset < end:
+            chunk = self._table_chunk(offset, end - offset)
+            l2 = await self._l2_for_read(offset)
+            if l2 is None and not full and self.backing is None:
+                offset += chunk
+                continue
+            l2_offset, l2 = await self._l2_for_write(offset)
+            index = self._l2_index(offset)
+            freed = []
+            for i in range(self._clusters(chunk)):
+                old = self._entry(l2, index + i)
+                kind = self.cluster_kind(old)
+                keep = (kind != COMPRESSED and not full and self.options.discard_no_unref)
+                new = old
+                if full:
+                    new = 0
+                elif self.backing is not None or kind in (NORMAL, ZERO_ALLOC, COMPRESSED):
+                    if self.header.version >= 3:
+                        new = (old | C.OFLAG_ZERO) if keep else C.OFLAG_ZERO
+                    else:
+                        new = 0
+                if new == old:
+                    continue
+                await self._set_dependency(self.refcount_cache, self.l2_cache)
+                self._set_entry(l2, index + i, new)
+                self.l2_cache.mark_dirty(l2_offset)
+                if not (keep and new & C.L2E_OFFSET_MASK):
+                    freed.append(old)
+            for old in freed:
+                await self._release_entry(old)
+            offset += chunk
+
+    # --- block status -------------------------------------------------------------------
+
+    def cached_entry(self, offset: int) -> int | None:
+        """The L2 entry of ``offset`` if its table is cached (0: no table), else None."""
+        l2_offset = self._l2_offset(self._l1_index(offset))
+        if not l2_offset:
+            return 0
+        table = self.l2_cache.lookup(l2_offset)
+        if table is None:
+            return None
+        return self._entry(table, self._l2_index(offset))
+
+    def entry_from(self, table: bytes, offset: int) -> int:
+        return _U64.unpack_from(table, self._l2_index(offset) * 8)[0]
+
+    def l2_table_offset(self, offset: int) -> int:
+        return self._l2_offset(self._l1_index(offset))
+
+    def remember_l2(self, l2_offset: int, data: bytes) -> None:
+        """Keep a table read outside the request path (block status) if there is room."""
+        if self.l2_cache.lookup(l2_offset) is None and not self.l2_cache.full():
+            self.l2_cache.insert(l2_offset, bytearray(data))
+
+
+def refuse_unsupported(header: Header, read_only: bool) -> None:
+    """Features qmpjobd cannot handle: refused with a message naming them."""
+    if header.crypt_method:
+        raise Qcow2OpenError("Parameter 'encrypt.key-secret' is required for cipher")
+    if header.incompatible_features & C.INCOMPAT_DATA_FILE:
+        raise Qcow2OpenError("qcow2 images with an external data file are not "
+                             "supported by qmpjobd")
+    if header.incompatible_features & C.INCOMPAT_EXTL2:
+        raise Qcow2OpenError("qcow2 images with extended L2 entries are not "
+                             "supported by qmpjobd")
+    if header.compression_type != C.COMPRESSION_ZLIB:
+        raise Qcow2OpenError("qcow2 images with zstd compression are not supported by qmpjobd")
+    if read_only:
+        return
+    if header.dirty:
+        raise Qcow2OpenError("qcow2 image has the dirty bit set (lazy refcounts after a "
+                             "crash); qmpjobd opens it read-only only: repair it with "
+                             "'qemu-img check -r all' first")
+    if header.nb_snapshots:
+        raise Qcow2OpenError("qcow2 images with internal snapshots can only be opened "
+                             "read-only by qmpjobd")
+    if header.bitmaps is not None and header.autoclear_features & C.AUTOCLEAR_BITMAPS:
+        raise Qcow2OpenError("qcow2 images with persistent dirty bitmaps can only be "
+                             "opened read-only by qmpjobd")

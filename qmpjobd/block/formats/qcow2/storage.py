@@ -1,0 +1,110 @@
+"""Where a qcow2 image's bytes live: the protocol child, seen as async byte storage.
+
+The format code only needs positioned reads and writes (writes may extend the
+file, as QEMU lets a format driver write past its file's end), a flush, the host
+length and a truncate. :class:`NodeStorage` maps them onto a block node (a ``file``
+node does its I/O in the thread pool); :class:`MemoryStorage` keeps the bytes in
+memory, for unit tests and for building images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.node import BlockNode
+
+
+class Storage(Protocol):
+    async def pread(self, offset: int, length: int) -> bytes: ...
+    async def pwrite(self, offset: int, data: bytes) -> None: ...
+    async def flush(self) -> None: ...
+    def length(self) -> int: ...
+    async def truncate(self, length: int, preallocation: str = "off") -> None: ...
+
+
+class MemoryStorage:
+    """A growable bytearray with the Storage interface (reads past the end: zeroes)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = bytearray(data)
+        self.flushes = 0
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        chunk = bytes(self.data[offset:offset + length])
+        return chunk + bytes(length - len(chunk))
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        if end > len(self.data):
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = data
+
+    async def flush(self) -> None:
+        self.flushes += 1
+
+    def length(self) -> int:
+        return len(self.data)
+
+    async def truncate(self, length: int, preallocation: str = "off") -> None:
+        if length < len(self.data):
+            del self.data[length:]
+        else:
+            self.data.extend(bytes(length - len(self.data)))
+
+
+class NodeStorage:
+    """A block node (the qcow2 node's ``file`` child) as Storage."""
+
+    def __init__(self, node: "BlockNode") -> None:
+        self.node = node
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return await self.node.co_pread(offset, length)
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        self.node.extend_for_write(offset + len(data))
+        await self.node.co_pwrite(offset, data)
+
+    async def flush(self) -> None:
+        await self.node.co_flush()
+
+    def length(self) -> int:
+        host = self.node.host_file()
+        if host is not None and self.node.file_child is None:
+            return os.fstat(host[0]).st_size
+        return self.node.size
+
+    async def truncate(self, length: int, preallocation: str = "off") -> None:
+        """Set the host file's length (growing with ``falloc``/``full`` allocates).
+
+        Only plain host files can change length; elsewhere growing is a no-op
+        (reads past the end are zeroes anyway) and shrinking is refused.
+        """
+        host = self.node.host_file()
+        if host is None or self.node.file_child is not None:
+            if length < self.node.size:
+                raise OSError(95, os.strerror(95))
+            return
+        fd = host[0]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, resize_host_file, fd, length, preallocation)
+        self.node.size = -(-length // 512) * 512
+
+
+def resize_host_file(fd: int, length: int, preallocation: str) -> None:
+    """Grow or shrink a host file; new bytes allocated for falloc, written for full."""
+    old = os.fstat(fd).st_size
+    if length <= old or preallocation == "off" or preallocation == "metadata":
+        os.ftruncate(fd, length)
+        return
+    if preallocation == "falloc":
+        os.posix_fallocate(fd, old, length - old)
+        return
+    os.ftruncate(fd, length)
+    chunk = bytes(1 << 20)
+    offset = old
+    while offset < length:
+        offset += os.pwrite(fd, chunk[:min(len(chunk), length - offset)], offset)
