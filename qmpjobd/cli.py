@@ -39,7 +39,7 @@ QEMU_VERSION_ENV = "QMPJOBD_QEMU_VERSION"
 log = logging.getLogger("qmpjobd")
 
 # qemu-storage-daemon options we recognise but do not implement.
-UNSUPPORTED_QSD_OPTIONS = ("--export", "--nbd-server", "--daemonize", "--trace", "-T")
+UNSUPPORTED_QSD_OPTIONS = ("--daemonize", "--trace", "-T")
 
 # ``qmpjobd check-commands FILE``: validate commands instead of running a daemon.
 # A subcommand only as the very first argument; every other argument is an option.
@@ -214,6 +214,18 @@ class Config:
     test_controls: bool = False
     # --clock: "real", or "virtual" (time moves only with x-qmpjobd-clock-step).
     clock: str = "real"
+    # --nbd-server and --export, as ("nbd-server" | "export", text) in command-line
+    # order: qemu-storage-daemon acts on them in that order.
+    nbd_options: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _InOrder(argparse.Action):
+    """Collect --nbd-server and --export in one list, keeping their order."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        collected = list(getattr(namespace, self.dest) or [])
+        collected.append((self.option_strings[0].lstrip("-"), values))
+        setattr(namespace, self.dest, collected)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--object", action="append", default=[], metavar="OPTIONS",
                    help="create an object at start-up (iothread, secret, throttle-group; "
                    "keyval or JSON, as object-add takes)")
+    p.add_argument("--nbd-server", action=_InOrder, dest="nbd_options", default=[],
+                   metavar="addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P",
+                   help="start the NBD server, as nbd-server-start (flat address)")
+    p.add_argument("--export", action=_InOrder, dest="nbd_options", default=[],
+                   metavar="[type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]",
+                   help="export a node, as block-export-add")
     p.add_argument("--socket", action="append", default=[], metavar="PATH",
                    help="shorthand: QMP on a unix socket at PATH")
     p.add_argument("--tcp", action="append", default=[], metavar="[HOST:]PORT",
@@ -290,7 +308,7 @@ def parse_args(argv: list[str]) -> Config:
         log_level=ns.log_level, event_loop=ns.event_loop,
         shutdown_timeout=ns.shutdown_timeout, allowed_dirs=ns.allow_dir,
         qemu_version=choose_qemu_version(ns.qemu_version, os.environ.get(QEMU_VERSION_ENV)),
-        test_controls=ns.test_controls, clock=ns.clock,
+        test_controls=ns.test_controls, clock=ns.clock, nbd_options=ns.nbd_options,
     )
     if config.clock == "virtual" and not config.test_controls:
         # Nothing could move a virtual clock: every timed wait would last for ever.
@@ -537,10 +555,27 @@ async def start(config: Config) -> Running:
     server.all_chardevs = config.chardevs
     try:
         await server.start()
+        start_nbd_options(daemon, config.nbd_options)
     except BaseException:
         close_started_listeners(server)
         raise
     return Running(daemon, server)
+
+
+def start_nbd_options(daemon: "Daemon", options: list[tuple[str, str]]) -> None:
+    """--nbd-server (NbdServerOptions, a flat address) and --export
+    (BlockExportOptions), in command-line order, in the running loop."""
+    from qmpjobd.commands.block_export import add_export, start_server
+
+    for option, text in options:
+        try:
+            if option == "nbd-server":
+                args = daemon.schema.parse_keyval("NbdServerOptions", text)
+                start_server(daemon, args, args["addr"])
+            else:
+                add_export(daemon, daemon.schema.parse_keyval("BlockExportOptions", text))
+        except QMPError as exc:
+            raise UsageError(f"--{option} {text}: {exc.desc}") from None
 
 
 def close_started_listeners(server: "Server") -> None:

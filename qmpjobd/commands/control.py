@@ -53,12 +53,16 @@ def quit_(ctx: Context, args: dict) -> dict:
 
 def begin_shutdown(daemon: "Daemon") -> bool:
     """What qemu-storage-daemon does once its main loop ends (quit, SIGTERM, SIGINT,
-    SIGHUP): drain every node, then force-cancel every job, newest first.
+    SIGHUP): delete every export, drain every node, then force-cancel every job,
+    newest first.
 
     Idempotent. Runs as far as it can without waiting for I/O; the server awaits
     the rest (``JobManager.finish_shutdown``). Returns True once no job is left.
     """
     graph, jobs = daemon.graph, daemon.jobs
+    from qmpjobd.nbd.exports import close_exports  # only here: keeps start-up lean
+
+    close_exports(daemon)
     if daemon.faults is not None:
         # Test controls: no hold may keep a job from stopping.
         daemon.faults.release_all()

@@ -12,7 +12,7 @@ from bench.procs import KINDS
 from bench.targets import by_name
 
 
-@pytest.mark.parametrize("name", ["startup", "latency"])
+@pytest.mark.parametrize("name", ["startup", "latency", "embedded"])
 def test_quick_workload_produces_numbers(name: str) -> None:
     (workload,) = by_name([name])
     entries = run_workload(workload, list(KINDS), reps=1, cfg=Config(quick=True))

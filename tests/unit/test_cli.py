@@ -49,7 +49,7 @@ def test_options():
     (["--chardev", "socket,id=c0,server=on,wait=off"], "needs either 'path' or 'port'"),
     (["--chardev", "socket,id=c0,port=99999,server=on,wait=off"], "invalid port"),
     (["--chardev", "socket,id=c0,path=/x,server=on,wait=off", "--chardev", "socket,id=c0,path=/y,server=on,wait=off"], "duplicate"),
-    (["--export", "type=nbd"], "not supported"),
+    (["--daemonize"], "not supported"),
     (["--monitor", "c0,pretty=maybe", "--chardev", "socket,id=c0,path=/x,server=on,wait=off"], "expects 'on' or 'off'"),
 ])
 def test_usage_errors(argv, message):

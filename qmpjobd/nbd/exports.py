@@ -1,0 +1,251 @@
+"""Block exports of a daemon and its NBD server: QEMU's block/export/export.c and
+blockdev-nbd.c, minus the sockets (``qmpjobd.nbd.server``).
+
+Everything here runs inside a QMP command (synchronously, as QEMU runs it under
+its big lock). The checks come in QEMU's order with QEMU's texts; the only thing
+that happens later is the deletion of an export whose clients are still being
+disconnected, which then announces ``BLOCK_EXPORT_DELETED`` after the reply, as
+QEMU does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Callable
+
+from qmpjobd.errors import QMPError
+from qmpjobd.nbd import protocol as nbd
+from qmpjobd.nbd.server import NbdExport, NbdServer
+from qmpjobd.versions import Behaviour, Personality
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.graph import BlockGraph
+    from qmpjobd.objects import ObjectRegistry
+
+# The NBD behaviour differences between releases (qmpjobd/versions.py).
+EXTENDED_HEADERS = Behaviour("NBD_OPT_EXTENDED_HEADERS and 64-bit request and reply headers",
+                             since="8.2")
+# The 7.2 message for an over-long request has a space before the closing
+# parenthesis; it went with the 64-bit lengths of the extended headers, as did
+# the old bad-magic message (later ones name the magic expected).
+STRAY_SPACE_IN_LEN = Behaviour("'len (N )' in the over-long request message", since="7.2",
+                               until="8.2")
+# nbd-server-stop: 7.2 deleted the oldest export first, 10.0 the newest (seen on
+# the daemons; the release in between that changed it was not pinned down).
+STOP_DELETES_NEWEST_FIRST = Behaviour("nbd-server-stop and daemon exit announce the newest export's "
+                                      "deletion first", since="10.0")
+# The fixed 10 s handshake limit of 7.2.22 (a stable fix) became the
+# handshake-max-seconds option.
+HANDSHAKE_SECONDS_DEFAULT = 10
+DEFAULT_MAX_CONNECTIONS = 100
+
+_ID_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9\-._]*\Z")
+
+
+def protocol_features(who: Personality) -> nbd.ProtocolFeatures:
+    return nbd.ProtocolFeatures(extended_headers=who.has(EXTENDED_HEADERS),
+                                stray_space_in_len_message=who.has(STRAY_SPACE_IN_LEN),
+                                magic_message_names_expected=who.has(EXTENDED_HEADERS))
+
+
+class ExportRegistry:
+    """The daemon's block exports (every type shares one id space) and its NBD server."""
+
+    def __init__(self, graph: "BlockGraph", objects: "ObjectRegistry",
+                 personality: Callable[[], Personality], emit: Callable[[str, dict], None]) -> None:
+        self.graph = graph
+        self.objects = objects
+        self._personality = personality
+        self.emit = emit
+        self.exports: list[NbdExport] = []      # newest first, as QEMU's list
+        self.server: NbdServer | None = None
+
+    @property
+    def personality(self) -> Personality:
+        return self._personality()
+
+    def find(self, export_id: str) -> NbdExport | None:
+        return next((e for e in self.exports if e.id == export_id), None)
+
+    # --- nbd-server-start / -stop ----------------------------------------------------
+
+    def start_server(self, addr: dict, *, tls_creds: str | None, max_connections: int,
+                     handshake_max_seconds: int | None) -> None:
+        if self.server is not None:
+            raise QMPError("NBD server already running")
+        timeout = HANDSHAKE_SECONDS_DEFAULT if handshake_max_seconds is None else handshake_max_seconds
+        server = NbdServer(protocol_features(self.personality), max_connections=max_connections,
+                           handshake_timeout_s=timeout)
+        server.listen(addr)
+        if tls_creds is not None:
+            server.close()
+            self._refuse_tls_creds(tls_creds)
+        self.server = server
+
+    def _refuse_tls_creds(self, ident: str) -> None:
+        if ident not in self.objects:
+            raise QMPError(f"No TLS credentials with id '{ident}'")
+        # qmpjobd has no tls-creds-* object types: whatever the id names is not one.
+        raise QMPError(f"Object with id '{ident}' is not TLS credentials")
+
+    def stop_server(self) -> None:
+        if self.server is None:
+            raise QMPError("NBD server not running")
+        self._delete_all()
+        self.server.close()
+        self.server = None
+
+    def _delete_all(self) -> None:
+        doomed = list(self.exports)     # newest first
+        if not self.personality.has(STOP_DELETES_NEWEST_FIRST):
+            doomed.reverse()
+        for export in doomed:
+            self._delete_now(export)
+
+    # --- block-export-add / -del ---------------------------------------------------------
+
+    def add_nbd(self, args: dict) -> NbdExport:
+        """block-export-add with type nbd; ``args`` validated by the schema."""
+        export_id = args["id"]
+        if not _ID_PATTERN.match(export_id):
+            raise QMPError("Invalid block export id")
+        if self.find(export_id) is not None:
+            raise QMPError(f"Block export id '{export_id}' is already in use")
+        node = self.graph.find(args["node-name"])
+        if node is None:
+            raise QMPError(f"Cannot find device='' nor node-name='{args['node-name']}'")
+        writable = args.get("writable", False)
+        if writable and node.read_only:
+            raise QMPError("Cannot export read-only node as writable")
+        self._check_iothread(args.get("iothread"))
+        if self.server is None:
+            raise QMPError("NBD server not running")
+        name = args.get("name", args["node-name"])
+        if len(name.encode()) > nbd.MAX_STRING_SIZE:
+            raise QMPError(f"export name '{name}' too long")
+        description = args.get("description")
+        if description is not None and len(description.encode()) > nbd.MAX_STRING_SIZE:
+            raise QMPError(f"description '{description}' too long")
+        if self.server.export_named(name) is not None:
+            raise QMPError(f"NBD server already has export named '{name}'")
+        bitmaps = [self._export_bitmap(node, entry) for entry in args.get("bitmaps", [])]
+        export = NbdExport(export_id, name, node, writable=writable, description=description,
+                           writethrough=args.get("writethrough", False),
+                           allocation_depth=args.get("allocation-depth", False),
+                           bitmaps=bitmaps, multi_conn=self.server.max_connections != 1)
+        # The export holds the node as a BlockBackend does: blockdev-del refuses it.
+        node.backend_users.append(export)
+        self.exports.insert(0, export)
+        self.server.exports[name] = export
+        return export
+
+    def _check_iothread(self, iothread: Any) -> None:
+        names = [] if iothread is None else [iothread] if isinstance(iothread, str) else iothread
+        for ident in names:
+            if self.objects.get(ident, "iothread") is None:
+                raise QMPError(f"iothread \"{ident}\" not found")
+
+    def _export_bitmap(self, node: Any, entry: Any) -> Any:
+        """An entry of ``bitmaps``: a name on the node (or below it), or {node, name}.
+
+        qmpjobd has no dirty bitmaps yet, so every lookup ends in QEMU's
+        not-found message; the found case belongs to the bitmap layer.
+        """
+        if isinstance(entry, str):
+            raise QMPError(f"Bitmap '{entry}' is not found")
+        if self.graph.find(entry["node"]) is None:
+            raise QMPError(f"Node '{entry['node']}' not found")
+        raise QMPError(f"Dirty bitmap '{entry['name']}' not found")
+
+    def delete(self, export_id: str, mode: str = "safe") -> None:
+        export = self.find(export_id)
+        if export is None:
+            raise QMPError(f"Export '{export_id}' is not found")
+        if export.shutting_down:
+            raise QMPError(f"Export '{export_id}' is already shutting down")
+        if mode == "safe" and export.clients:
+            raise QMPError(f"export '{export_id}' still in use")
+        export.on_deleted = self._deleted
+        # With no client this completes (and announces itself) at once; otherwise
+        # once the last disconnected client is gone, after the reply.
+        export.shut_down()
+
+    def _delete_now(self, export: NbdExport) -> None:
+        """Delete an export and every client of it before returning (nbd-server-stop
+        waits for them, so all its events precede its reply)."""
+        export.on_deleted = None
+        export.shut_down()
+        export.clients.clear()
+        self._deleted(export)
+
+    def _deleted(self, export: NbdExport) -> None:
+        if export in self.exports:
+            self.exports.remove(export)
+        if self.server is not None and self.server.exports.get(export.name) is export:
+            del self.server.exports[export.name]
+        if export in export.node.backend_users:
+            export.node.backend_users.remove(export)
+        self.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
+
+    # --- nbd-server-add / -remove (deprecated) --------------------------------------------
+
+    def server_add(self, args: dict) -> None:
+        if self.server is None:
+            raise QMPError("NBD server not running")
+        device = args["device"]
+        node = self.graph.find(device)
+        if node is None:
+            raise QMPError(f"Cannot find device='{device}' nor node-name='{device}'")
+        name = args.get("name", device)
+        options: dict = {"type": "nbd", "id": name, "node-name": node.node_name,
+                         "name": name}
+        if "description" in args:
+            options["description"] = args["description"]
+        # A read-only device is exported read-only rather than refused.
+        writable = args.get("writable", False) and not node.read_only
+        options["writable"] = writable
+        if "bitmap" in args:
+            options["bitmaps"] = [args["bitmap"]]
+        self.add_nbd(options)
+
+    def server_remove(self, name: str, mode: str) -> None:
+        # Every export qmpjobd makes is an NBD one, so QEMU's "is not an NBD
+        # export" check has nothing to refuse.
+        self.delete(name, mode)
+
+    # --- queries and shutdown --------------------------------------------------------------
+
+    def query(self) -> list[dict]:
+        return [{"id": e.id, "type": "nbd", "node-name": e.node.node_name,
+                 "shutting-down": e.shutting_down} for e in self.exports]
+
+    def close(self, unlink: bool = True) -> None:
+        """Stop listening and drop every client."""
+        if self.server is not None:
+            self.server.close(unlink=unlink)
+            self.server = None
+
+    def close_all(self) -> None:
+        """Daemon exit, as qemu-storage-daemon's blk_exp_close_all: every export is
+        deleted (in nbd-server-stop's order, each with BLOCK_EXPORT_DELETED) before
+        the jobs are cancelled, and the NBD server stops listening (its unix
+        socket file stays, as qemu-storage-daemon leaves it)."""
+        self._delete_all()
+        self.close(unlink=False)
+
+
+def close_exports(daemon: Any) -> None:
+    """At daemon exit: close the exports, if any were ever made."""
+    registry = daemon.__dict__.get("_block_exports")
+    if registry is not None:
+        registry.close_all()
+
+
+def registry_of(daemon: Any) -> ExportRegistry:
+    """The daemon's export registry, made on first use."""
+    registry = daemon.__dict__.get("_block_exports")
+    if registry is None:
+        registry = ExportRegistry(daemon.graph, daemon.objects, lambda: daemon.personality,
+                                  daemon.emit)
+        daemon.__dict__["_block_exports"] = registry
+    return registry

@@ -1,0 +1,618 @@
+"""The NBD export server: sockets in front of ``qmpjobd.nbd.protocol``.
+
+One :class:`NbdServer` per daemon (``nbd-server-start``), serving any number
+of :class:`NbdExport` objects, each on one block node. A client is an
+``asyncio.Protocol`` that feeds its bytes to a ``ServerConnection`` and acts
+on the events: bytes go out as they are, requests become node I/O.
+
+Node I/O goes through the node's public entry points (``co_pread``,
+``co_pwrite``, ``co_pdiscard``, ``co_flush``), so an NBD client's writes pass
+the same write path as a job's (write thresholds, ``wr_highest_offset``, and
+later dirty bitmaps see them). Those coroutines are made for the job engine,
+which steps coroutines by hand (a driver may yield a bottom-half reschedule
+rather than a future), so each request is run by a ``CoroutineRunner`` whose
+result is handed to the asyncio side through a future.
+
+As in QEMU, at most 16 requests of one client are in flight: further requests
+wait, and reading stops until one finishes. Replies go out as soon as their
+request finishes, so they may overtake each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterator, Sequence
+
+from qmpjobd.errors import QMPError
+from qmpjobd.job.coroutine import CoroutineRunner
+from qmpjobd.nbd import protocol as nbd
+from qmpjobd.nbd.protocol import Cmd, ExportView, ProtocolFeatures, Request
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.node import BlockNode
+
+log = logging.getLogger("qmpjobd.nbd")
+
+# Stop reading a client whose unsent replies pass this; resume below half.
+HIGH_WATER = 64 * 1024 * 1024
+
+
+def run_node_io(coro: Coroutine[Any, Any, Any]) -> asyncio.Future:
+    """Run a node coroutine the way the job engine does, as an asyncio future."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    async def guarded() -> tuple[bool, Any]:
+        try:
+            return True, await coro
+        except Exception as exc:  # handed to the awaiting request
+            return False, exc
+
+    def finished(runner: CoroutineRunner) -> None:
+        if future.cancelled():
+            return
+        ok, value = runner.result
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    CoroutineRunner(guarded(), on_done=finished, name="nbd-request").enter()
+    return future
+
+
+def _errno_of(exc: BaseException) -> int:
+    return exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+
+
+class NbdExport:
+    """One NBD export of a node (block-export-add type=nbd)."""
+
+    def __init__(self, export_id: str, name: str, node: "BlockNode", *, writable: bool,
+                 description: str | None, writethrough: bool, allocation_depth: bool,
+                 bitmaps: Sequence[Any], multi_conn: bool) -> None:
+        self.id = export_id
+        self.name = name
+        self.node = node
+        self.writable = writable
+        self.description = description
+        self.writethrough = writethrough
+        self.allocation_depth = allocation_depth
+        # Exported dirty bitmaps (objects with ``name`` and ``extents()``): the hook
+        # for qemu:dirty-bitmap:NAME contexts.
+        self.bitmaps = list(bitmaps)
+        # QEMU rounds the exported size down to whole sectors.
+        self.size = node.size // 512 * 512
+        self.flags = nbd.export_flags(writable=writable, multi_conn=multi_conn)
+        self.clients: list[NbdClient] = []
+        self.shutting_down = False
+        self.on_deleted: Callable[["NbdExport"], None] | None = None
+
+    def view(self) -> ExportView:
+        limits = self.node.block_limits()
+        return ExportView(name=self.name, size=self.size, flags=self.flags,
+                          description=self.description,
+                          request_alignment=limits["request-alignment"],
+                          allocation_depth=self.allocation_depth,
+                          bitmaps=tuple(b.name for b in self.bitmaps))
+
+    def shut_down(self) -> None:
+        """Disconnect every client; the export is deleted once the last is gone."""
+        self.shutting_down = True
+        for client in list(self.clients):
+            client.close()
+        self._maybe_deleted()
+
+    def detach(self, client: "NbdClient") -> None:
+        if client in self.clients:
+            self.clients.remove(client)
+        self._maybe_deleted()
+
+    def _maybe_deleted(self) -> None:
+        if self.shutting_down and not self.clients and self.on_deleted is not None:
+            callback, self.on_deleted = self.on_deleted, None
+            callback(self)
+
+
+class NbdServer:
+    """The listening socket, its clients, and the exports they can reach."""
+
+    def __init__(self, features: ProtocolFeatures, *, max_connections: int,
+                 handshake_timeout_s: float) -> None:
+        self.features = features
+        self.max_connections = max_connections
+        self.handshake_timeout_s = handshake_timeout_s
+        self.exports: dict[str, NbdExport] = {}     # by export name, oldest first
+        self.clients: list[NbdClient] = []
+        self.listener: socket.socket | None = None
+        self._created: tuple[str, int, int] | None = None
+        self._accepting = False
+
+    # --- the directory the protocol asks ------------------------------------------
+
+    def find(self, name: str) -> ExportView | None:
+        export = self.exports.get(name)
+        return export.view() if export is not None and not export.shutting_down else None
+
+    def listing(self) -> list[ExportView]:
+        return [e.view() for e in self.exports.values() if not e.shutting_down]
+
+    def export_named(self, name: str) -> NbdExport | None:
+        return self.exports.get(name)
+
+    # --- listening ---------------------------------------------------------------------
+
+    def listen(self, addr: dict) -> None:
+        """Open the listening socket for a SocketAddress; QMPError with QEMU's text."""
+        kind = addr["type"]
+        if kind == "unix":
+            self.listener, self._created = listen_unix(addr)
+        elif kind == "inet":
+            self.listener = listen_inet(addr)
+        else:
+            raise QMPError(f"NBD server address type '{kind}' is not supported by qmpjobd")
+        self.listener.setblocking(False)
+        self._watch()
+
+    def _watch(self) -> None:
+        if self.listener is not None and not self._accepting:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept_ready)
+            self._accepting = True
+
+    def _unwatch(self) -> None:
+        if self.listener is not None and self._accepting:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self._accepting = False
+
+    def _update_watch(self) -> None:
+        """QEMU stops accepting at max-connections: later clients wait in the backlog."""
+        if self.max_connections and len(self.clients) >= self.max_connections:
+            self._unwatch()
+        else:
+            self._watch()
+
+    def _accept_ready(self) -> None:
+        assert self.listener is not None
+        while not self.max_connections or len(self.clients) < self.max_connections:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.warning("NBD server: accept failed: %s", exc)
+                break
+            self._start_client(conn)
+        self._update_watch()
+
+    def _start_client(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = NbdClient(self)
+        # uvloop's transport does not keep the socket object alive, and a
+        # collected socket object closes its descriptor.
+        client.sock = conn
+        self.clients.append(client)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: client, conn))
+        task.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None
+                               else self.client_gone(client))
+
+    def client_gone(self, client: "NbdClient") -> None:
+        if client in self.clients:
+            self.clients.remove(client)
+        self._update_watch()
+
+    def close(self, unlink: bool = True) -> None:
+        """Stop listening and disconnect every client (nbd-server-stop, exit).
+        ``unlink=False`` (daemon exit) leaves a unix socket file behind, as
+        qemu-storage-daemon does: only nbd-server-stop removes it."""
+        self._unwatch()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self._created is not None and unlink:
+            _unlink_if_same(*self._created)
+        self._created = None
+        for client in list(self.clients):
+            client.close()
+
+
+class NbdClient(asyncio.Protocol):
+    """One connection: the protocol state and the requests in flight."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.conn = nbd.ServerConnection(server, server.features)
+        self.transport: asyncio.Transport | None = None
+        self.sock: socket.socket | None = None
+        self.export: NbdExport | None = None
+        self.in_flight = 0
+        self.waiting: deque[Request] = deque()
+        self.closed = False
+        self._reading = True
+        self._write_paused = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = transport  # type: ignore[assignment]
+        if self.closed:     # the server stopped while the socket was being wrapped
+            transport.abort()
+            return
+        transport.write(self.conn.greeting())
+        if self.server.handshake_timeout_s:
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                self.server.handshake_timeout_s, self._handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive(data):
+            self._handle(event)
+        self._update_reading()
+
+    def eof_received(self) -> bool:
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.server.client_gone(self)
+        if self.export is not None:
+            self.export.detach(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # --- events ------------------------------------------------------------------------
+
+    def _handle(self, event: nbd.Event) -> None:
+        if isinstance(event, nbd.Send):
+            self.write(event.data)
+        elif isinstance(event, Request):
+            self.waiting.append(event)
+            self._start_requests()
+        elif isinstance(event, nbd.Started):
+            self._started(event.export)
+        elif isinstance(event, nbd.Close):
+            log.debug("NBD client disconnected: %s", event.reason)
+            self.close()
+
+    def _started(self, view: ExportView) -> None:
+        self._cancel_timer()
+        export = self.server.export_named(view.name)
+        if export is None or export.shutting_down:
+            self.close()
+            return
+        self.export = export
+        export.clients.append(self)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self.conn.transmitting:
+            log.debug("NBD client: handshake timed out")
+            self.close()
+
+    def _cancel_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is not None and not self.closed and data:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Drop the connection; what was already queued still goes out."""
+        if self.closed:
+            return
+        self.closed = True
+        self._cancel_timer()
+        self.waiting.clear()
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self.server.client_gone(self)
+        if self.export is not None:
+            self.export.detach(self)
+
+    # --- flow control --------------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        want = (self.in_flight < nbd.MAX_REQUESTS and not self.waiting
+                and not self._write_paused)
+        if want != self._reading:
+            self._reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def _start_requests(self) -> None:
+        while self.waiting and self.in_flight < nbd.MAX_REQUESTS and not self.closed:
+            request = self.waiting.popleft()
+            self.in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._serve(request))
+            task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task) -> None:
+        self.in_flight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("NBD request failed unexpectedly", exc_info=task.exception())
+            self.close()
+        self._start_requests()
+        self._update_reading()
+
+    # --- requests -----------------------------------------------------------------------
+
+    async def _serve(self, request: Request) -> None:
+        export = self.export
+        if export is None or self.closed:
+            return
+        handler = _HANDLERS.get(request.command)
+        if handler is None:  # unknown commands never pass the protocol's checks
+            self.write(self.conn.error_reply(request, nbd.NBD_EINVAL,
+                                             f"invalid request type ({request.command}) received"))
+            return
+        await handler(self, export, request)
+
+    def _fail(self, request: Request, exc: BaseException, message: str) -> None:
+        self.write(self.conn.error_reply(request, nbd.nbd_errno(_errno_of(exc)), message))
+
+    async def _flush(self, export: NbdExport) -> None:
+        await run_node_io(export.node.co_flush())
+
+    async def _read(self, export: NbdExport, request: Request) -> None:
+        if request.flags & nbd.CMD_FLAG_FUA:
+            try:
+                await self._flush(export)
+            except OSError as exc:
+                self._fail(request, exc, "flush failed")
+                return
+        structured = self.conn.mode >= nbd.Mode.STRUCTURED
+        if structured and not request.flags & nbd.CMD_FLAG_DF and request.length:
+            await self._sparse_read(export, request)
+            return
+        try:
+            data = await run_node_io(export.node.co_pread(request.offset, request.length))
+        except OSError as exc:
+            self._fail(request, exc, "reading from file failed")
+            return
+        if not structured:
+            self.write(self.conn.read_reply_header(request) + data)
+        elif request.length:
+            self.write(self.conn.data_chunk_header(request, request.offset, len(data), True) + data)
+        else:
+            self.write(self.conn.done_chunk(request))
+
+    async def _sparse_read(self, export: NbdExport, request: Request) -> None:
+        """Structured READ: areas that read as zeroes go out as holes (QEMU's
+        nbd_co_send_sparse_read), the rest as data chunks, in order."""
+        node = export.node
+        position, end = request.offset, request.offset + request.length
+        while position < end:
+            kind, count = node.block_status(position, end - position)
+            count = max(1, min(count, end - position))
+            final = position + count == end
+            if kind == "zero":
+                self.write(self.conn.hole_chunk(request, position, count, final))
+            else:
+                try:
+                    data = await run_node_io(node.co_pread(position, count))
+                except OSError as exc:
+                    self._fail(request, exc, "reading from file failed")
+                    return
+                self.write(self.conn.data_chunk_header(request, position, count, final) + data)
+            position += count
+
+    async def _write(self, export: NbdExport, request: Request) -> None:
+        try:
+            await run_node_io(export.node.co_pwrite(request.offset, request.data))
+            if request.flags & nbd.CMD_FLAG_FUA or export.writethrough:
+                await self._flush(export)
+        except OSError as exc:
+            self._fail(request, exc, "writing to file failed")
+            return
+        self.write(self.conn.ok_reply(request))
+
+    async def _write_zeroes(self, export: NbdExport, request: Request) -> None:
+        fast = bool(request.flags & nbd.CMD_FLAG_FAST_ZERO)
+        try:
+            await run_node_io(export.node.co_pwrite_zeroes(request.offset, request.length,
+                                                           no_fallback=fast))
+            if request.flags & nbd.CMD_FLAG_FUA or export.writethrough:
+                await self._flush(export)
+        except OSError as exc:
+            self._fail(request, exc, "writing to file failed")
+            return
+        self.write(self.conn.ok_reply(request))
+
+    async def _trim(self, export: NbdExport, request: Request) -> None:
+        try:
+            await run_node_io(export.node.co_pdiscard(request.offset, request.length))
+        except OSError as exc:
+            self._fail(request, exc, "discard failed")
+            return
+        if request.flags & nbd.CMD_FLAG_FUA:
+            try:
+                await self._flush(export)
+            except OSError as exc:
+                self._fail(request, exc, "discard failed")
+                return
+        self.write(self.conn.ok_reply(request))
+
+    async def _flush_command(self, export: NbdExport, request: Request) -> None:
+        try:
+            await self._flush(export)
+        except OSError as exc:
+            self._fail(request, exc, "flush failed")
+            return
+        self.write(self.conn.ok_reply(request))
+
+    async def _cache(self, export: NbdExport, request: Request) -> None:
+        try:
+            await run_node_io(export.node.co_pread(request.offset, request.length))
+        except OSError as exc:
+            self._fail(request, exc, "caching data failed")
+            return
+        self.write(self.conn.ok_reply(request))
+
+    async def _block_status(self, export: NbdExport, request: Request) -> None:
+        limit = nbd.extent_limit(request)
+        chunks: list[tuple[int, list[tuple[int, int]]]] = []
+        try:
+            for context in request.contexts:
+                chunks.append((context, context_extents(export, context, request.offset,
+                                                        request.length, limit)))
+        except OSError as exc:
+            self._fail(request, exc, "can't get block status")
+            return
+        for index, (context, extents) in enumerate(chunks):
+            self.write(self.conn.block_status_chunk(request, context, extents,
+                                                    index == len(chunks) - 1))
+
+
+_HANDLERS = {
+    Cmd.READ: NbdClient._read,
+    Cmd.WRITE: NbdClient._write,
+    Cmd.WRITE_ZEROES: NbdClient._write_zeroes,
+    Cmd.TRIM: NbdClient._trim,
+    Cmd.FLUSH: NbdClient._flush_command,
+    Cmd.CACHE: NbdClient._cache,
+    Cmd.BLOCK_STATUS: NbdClient._block_status,
+}
+
+
+# --- block status -------------------------------------------------------------------------
+
+# base:allocation flags per kind of node.block_status().
+_ALLOCATION_STATE = {"data": 0, "zero": nbd.STATE_HOLE | nbd.STATE_ZERO, "unknown": nbd.STATE_HOLE}
+
+
+def _walk_status(node: "BlockNode", offset: int, length: int) -> Iterator[tuple[str, int]]:
+    end = offset + length
+    while offset < end:
+        kind, count = node.block_status(offset, end - offset)
+        count = max(1, min(count, end - offset))
+        yield kind, count
+        offset += count
+
+
+def allocation_depth(kind: str) -> int:
+    """qemu:allocation-depth of an extent: 0 where no layer allocates it (QEMU's
+    null-co without read-zeroes), 1 where the exported node itself does. Deeper
+    layers come with backing chains."""
+    return 0 if kind == "unknown" else 1
+
+
+def context_extents(export: NbdExport, context: int, offset: int, length: int,
+                    limit: int) -> list[tuple[int, int]]:
+    """The extents of one meta context over a range, as QEMU collects them."""
+    extents = nbd.ExtentList(limit)
+    if context == nbd.META_ID_BASE_ALLOCATION:
+        for kind, count in _walk_status(export.node, offset, length):
+            if not extents.add(count, _ALLOCATION_STATE[kind]):
+                break
+    elif context == nbd.META_ID_ALLOCATION_DEPTH:
+        depth_of = getattr(export.node, "allocation_depth_status", None)
+        for kind, count in _walk_status(export.node, offset, length):
+            depth = allocation_depth(kind) if depth_of is None else depth_of(offset, count)
+            if not extents.add(count, depth):
+                break
+            offset += count
+    else:
+        bitmap = export.bitmaps[context - nbd.META_ID_DIRTY_BITMAP]
+        for count, dirty in bitmap.extents(offset, length):
+            if not extents.add(count, nbd.STATE_DIRTY if dirty else 0):
+                break
+    return extents.extents
+
+
+# --- sockets ----------------------------------------------------------------------------------
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def listen_unix(addr: dict) -> tuple[socket.socket, tuple[str, int, int] | None]:
+    """A listening unix socket as QEMU's socket layer opens one (a stale file of
+    that name is replaced); returns it and (path, dev, ino) of the file made."""
+    data = addr.get("data", addr)
+    path = data["path"]
+    abstract = data.get("abstract", False)
+    if len(path.encode()) >= 108 - abstract:
+        raise QMPError(f"UNIX socket path '{path}' is too long")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not abstract:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(path)
+        name = "\0" + path if abstract else path
+        try:
+            sock.bind(name)
+        except OSError as exc:
+            raise QMPError(f"Failed to bind socket to {path}: {_strerror(exc)}") from None
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    created = None
+    if not abstract:
+        st = os.stat(path)
+        created = (path, st.st_dev, st.st_ino)
+    return sock, created
+
+
+def listen_inet(addr: dict) -> socket.socket:
+    """A listening TCP socket on exactly the host asked for."""
+    data = addr.get("data", addr)
+    host, port = data["host"], data["port"]
+    family = socket.AF_UNSPEC
+    if data.get("ipv4") and not data.get("ipv6"):
+        family = socket.AF_INET
+    elif data.get("ipv6") and not data.get("ipv4"):
+        family = socket.AF_INET6
+    flags = socket.AI_PASSIVE | (socket.AI_NUMERICHOST if data.get("numeric") else 0)
+    try:
+        infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, flags)
+    except socket.gaierror as exc:
+        raise QMPError(f"address resolution failed for {host}:{port}: {exc.strerror}") from None
+    last_errno = 0
+    for fam, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(fam, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+            sock.listen(socket.SOMAXCONN)
+        except OSError as exc:
+            sock.close()
+            last_errno = exc.errno or 0
+            if exc.errno != errno.EADDRINUSE:
+                raise QMPError(f"Failed to bind socket: {os.strerror(last_errno)}") from None
+            continue
+        return sock
+    raise QMPError(f"Failed to find an available port: {os.strerror(last_errno)}")
+
+
+def _unlink_if_same(path: str, dev: int, ino: int) -> None:
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)
+    except OSError:
+        pass
