@@ -47,7 +47,7 @@ from qmpjobd.errors import QMPError
 from qmpjobd.qapi.ghash import GHashSet
 from qmpjobd.versions import Behaviour
 from qmpjobd.wire.encode import encode, encode_event
-from qmpjobd.wire.lexer import ParsedValue, ParseError, StreamParser
+from qmpjobd.wire.lexer import ParsedValue, ParseError
 from qmpjobd.wire.dialect import new_stream_parser, wire_dialect
 from qmpjobd.wire.session import Session, event_message
 

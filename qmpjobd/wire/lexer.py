@@ -19,6 +19,12 @@ reproduces all three (the *faithful path*) and puts a *fast path* in front of th
 
 Both paths give identical results on well-formed input; tests check that with generated
 documents split into random chunks.
+
+The streamer and parser here are 7.2's (10.0 reads input the same way). QEMU 11.1 has a
+push parser with error positions and a different recovery: ``push.py`` keeps this lexer
+and replaces the streamer methods (``_push_token``, ``_clear_message``); the ``end``
+index handed to ``_push_token`` and the ``_recovered`` hook exist for its positions.
+``dialect.py`` picks the class for a personality.
 """
 
 from __future__ import annotations
@@ -158,6 +164,10 @@ def _lossy_text(raw: bytes) -> str:
         cp, i = _utf8_codepoint(raw, i)
         chars.append(chr(cp) if cp >= 0 else "\ufffd")
     return "".join(chars)
+
+
+# Public name for other layers (ringbuf-read prints guest bytes the same way).
+c_string_text = _lossy_text
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,10 +10,9 @@ import pytest
 from tests.conformance import wire_fuzz
 from tests.support.oracles import CONFORMANCE_SELECTS_QMPJOBD_VERSION, CONFORMANCE_VERSIONS
 
-# The versions whose JSON parser qmpjobd reproduces today. 7.2 and 10.0 share one parser;
-# 11.1 adds positions, new wording and new recovery (qemu-versions.md 2.2-2.3) and joins
-# this list together with that dialect of qmpjobd/wire.
-WIRE_FUZZ_VERSIONS = tuple(v for v in CONFORMANCE_VERSIONS if v in ("7.2", "10.0"))
+# Every personality: 7.2 and 10.0 share one parser; 11.1's (positions, new wording, new
+# recovery) is qmpjobd/wire/push.py, with cases of its own in test_wire_fuzz_11.py.
+WIRE_FUZZ_VERSIONS = CONFORMANCE_VERSIONS
 
 # Fixed, so that a failure names a case anyone can replay with
 # `python -m tests.conformance.wire_fuzz --seed 8 --count 250 --version V`.
