@@ -5,49 +5,19 @@ block_versions_* conformance scenarios."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import time
 
 import pytest
 
-from tests.support.daemons import DaemonProcess, RawClient
+from tests.support.daemons import DaemonProcess, QMPSession
 from tests.support.oracles import SUPPORTED_VERSIONS
 
 MiB = 1 << 20
 
 
-class Session:
-    """One negotiated monitor connection with helpers to run commands and wait."""
-
-    def __init__(self, daemon: DaemonProcess) -> None:
-        self.client = RawClient(daemon.sockets[0], timeout=30)
-        self.events: list[dict] = []
-        self.client.recv_message()
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, arguments: dict | None = None) -> dict:
-        request: dict = {"execute": command}
-        if arguments is not None:
-            request["arguments"] = arguments
-        self.client.send(json.dumps(request))
-        while True:
-            message = json.loads(self.client.recv_message())
-            if "event" in message:
-                self.events.append(message)
-            else:
-                return message
-
-    def wait_status(self, job_id: str, status: str) -> None:
-        while not any(e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {
-                "id": job_id, "status": status} for e in self.events):
-            message = json.loads(self.client.recv_message())
-            if "event" in message:
-                self.events.append(message)
-
-    def close(self) -> None:
-        self.client.close()
+Session = QMPSession
 
 
 def both(version: str, args: list[str], workdir: pathlib.Path):
@@ -70,14 +40,14 @@ def test_backup_block_size_warning_on_stderr(version: str, tmp_path: pathlib.Pat
         (where / "f.raw").write_bytes(bytes(MiB))
         with daemon:
             session = Session(daemon)
-            session.execute("blockdev-add", {"driver": "file", "node-name": "f",
+            session.command("blockdev-add", {"driver": "file", "node-name": "f",
                                              "filename": str(where / "f.raw")})
             for job, target in (("b1", "t"), ("b2", "f")):
-                assert session.execute("blockdev-backup", {
+                assert session.command("blockdev-backup", {
                     "job-id": job, "device": "s", "target": target, "sync": "full"}) == \
                     {"return": {}}
                 session.wait_status(job, "null")
-            failed = session.execute("blockdev-backup", {"job-id": "b3", "device": "s",
+            failed = session.command("blockdev-backup", {"job-id": "b3", "device": "s",
                                                          "target": "t", "sync": "full",
                                                          "speed": -1})
             assert "error" in failed
@@ -103,13 +73,13 @@ def test_discard_source_reaches_only_an_unmap_source(version: str,
             session = Session(daemon)
             for node, name, discard in (("keep", "keep.raw", "ignore"),
                                         ("drop", "drop.raw", "unmap")):
-                session.execute("blockdev-add", {
+                session.command("blockdev-add", {
                     "driver": "raw", "node-name": node, "discard": discard,
                     "file": {"driver": "file", "discard": discard,
                              "filename": str(where / name)}})
-                session.execute("blockdev-add", {"driver": "null-co", "node-name": node + "-t",
+                session.command("blockdev-add", {"driver": "null-co", "node-name": node + "-t",
                                                  "size": 2 * MiB})
-                reply = session.execute("blockdev-backup", {
+                reply = session.command("blockdev-backup", {
                     "job-id": node, "device": node, "target": node + "-t", "sync": "full",
                     "discard-source": True})
                 assert reply == {"return": {}}
@@ -131,14 +101,14 @@ def test_block_job_change_makes_a_ready_mirror_actively_synced(
     for kind, daemon, _ in both(version, args, tmp_path):
         with daemon:
             session = Session(daemon)
-            session.execute("blockdev-mirror", {"job-id": "m", "device": "s", "target": "t",
+            session.command("blockdev-mirror", {"job-id": "m", "device": "s", "target": "t",
                                                 "sync": "full"})
             session.wait_status("m", "ready")
-            assert session.execute("query-block-jobs")["return"][0]["actively-synced"] is False
-            assert session.execute("block-job-change", {
+            assert session.command("query-block-jobs")["return"][0]["actively-synced"] is False
+            assert session.command("block-job-change", {
                 "id": "m", "type": "mirror", "copy-mode": "write-blocking"}) == {"return": {}}
             polls = 0
-            while not session.execute("query-block-jobs")["return"][0]["actively-synced"]:
+            while not session.command("query-block-jobs")["return"][0]["actively-synced"]:
                 polls += 1
                 assert polls < 1000, f"{kind}: never actively synced"
                 time.sleep(0.01)

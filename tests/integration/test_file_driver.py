@@ -12,51 +12,20 @@ import json
 import os
 import socket
 import stat
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.support.daemons import DaemonProcess, RawClient
+from tests.support.daemons import DaemonProcess, QMPSession
 
 
-class Monitor:
-    """A negotiated raw-socket client that returns each reply's exact bytes."""
-
-    def __init__(self, daemon: DaemonProcess) -> None:
-        self.daemon = daemon
-        self.client = RawClient(daemon.sockets[0])
-        self.client.recv_message()                       # greeting
-        self.events: list[dict] = []
-        self.command("qmp_capabilities")
-
-    def command(self, name: str, arguments: dict | None = None) -> bytes:
-        request: dict = {"execute": name}
-        if arguments is not None:
-            request["arguments"] = arguments
-        self.client.send(json.dumps(request))
-        while True:
-            message = self.client.recv_message()
-            parsed = json.loads(message)
-            if "event" in parsed:
-                self.events.append(parsed)
-                continue
-            return message
-
-    def wait_event(self, name: str, **data: object) -> dict:
-        while True:
-            for index, event in enumerate(self.events):
-                if event["event"] == name and all(event["data"].get(k) == v
-                                                  for k, v in data.items()):
-                    return self.events.pop(index)
-            self.events.append(json.loads(self.client.recv_message()))
+class Monitor(QMPSession):
+    """A negotiated client (replies as exact bytes with ``command_raw``) that can count
+    the daemon's open descriptors."""
 
     def open_fds(self) -> int:
         assert self.daemon.proc is not None
         return len(os.listdir(f"/proc/{self.daemon.proc.pid}/fd"))
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def file_node(path: str, node_name: str = "n0", read_only: bool = False) -> dict:
@@ -119,13 +88,13 @@ def both() -> Iterator[tuple[Monitor, Monitor]]:
 
 def add_and_remove(monitor: Monitor, path: str, read_only: bool) -> list[bytes]:
     """blockdev-add, and on success what the node looks like and its removal."""
-    replies = [monitor.command("blockdev-add", file_node(path, read_only=read_only))]
+    replies = [monitor.command_raw("blockdev-add", file_node(path, read_only=read_only))]
     if b'"return"' in replies[0]:
-        nodes = json.loads(monitor.command("query-named-block-nodes", {"flat": True}))
+        nodes = json.loads(monitor.command_raw("query-named-block-nodes", {"flat": True}))
         node = next(n for n in nodes["return"] if n["node-name"] == "n0")
         replies.append(json.dumps([node["image"]["virtual-size"], node["file"],
                                    node["ro"]]).encode())
-        replies.append(monitor.command("blockdev-del", {"node-name": "n0"}))
+        replies.append(monitor.command_raw("blockdev-del", {"node-name": "n0"}))
     return replies
 
 
@@ -152,10 +121,10 @@ def test_read_only_fifo_is_refused_without_blocking(both, files, name) -> None:
     and keeps serving."""
     ours, oracle = both
     path = files[name]
-    expected = oracle.command("blockdev-add", file_node(path))
+    expected = oracle.command_raw("blockdev-add", file_node(path))
     assert b"regular file" in expected
-    assert ours.command("blockdev-add", file_node(path, read_only=True)) == expected
-    assert b'"return"' in ours.command("query-version")
+    assert ours.command_raw("blockdev-add", file_node(path, read_only=True)) == expected
+    assert b'"return"' in ours.command_raw("query-version")
 
 
 def test_failures_leave_no_descriptor_behind(files) -> None:
@@ -178,13 +147,13 @@ def cycle(monitor: Monitor, failing: list[tuple[str, bool]], files: dict[str, st
     """Every failing open once, a good node added and removed, a create job that
     fails in its truncation (FIFO) and a drive-mirror onto a device."""
     for path, read_only in failing:
-        assert b'"error"' in monitor.command("blockdev-add", file_node(path, read_only=read_only))
-    assert b'"return"' in monitor.command("blockdev-add", file_node(files["regular"]))
-    assert b'"return"' in monitor.command("blockdev-del", {"node-name": "n0"})
-    monitor.command("blockdev-create", {"job-id": job, "options": {
+        assert b'"error"' in monitor.command_raw("blockdev-add", file_node(path, read_only=read_only))
+    assert b'"return"' in monitor.command_raw("blockdev-add", file_node(files["regular"]))
+    assert b'"return"' in monitor.command_raw("blockdev-del", {"node-name": "n0"})
+    monitor.command_raw("blockdev-create", {"job-id": job, "options": {
         "driver": "file", "filename": files["fifo"], "size": 1 << 20}})
     monitor.wait_event("JOB_STATUS_CHANGE", id=job, status="concluded")
-    assert b'"return"' in monitor.command("job-dismiss", {"id": job})
+    assert b'"return"' in monitor.command_raw("job-dismiss", {"id": job})
 
 
 def test_create_on_non_regular_files_answers_as_qsd(files) -> None:
@@ -204,13 +173,13 @@ def create_outcomes(monitor: Monitor, files: dict[str, str]) -> list:
     outcomes: list = []
     for index, path in enumerate([files["fifo"], "/dev/null", files["directory"]]):
         job = f"c{index}"
-        monitor.command("blockdev-create", {"job-id": job, "options": {
+        monitor.command_raw("blockdev-create", {"job-id": job, "options": {
             "driver": "file", "filename": path, "size": 1 << 20}})
         monitor.wait_event("JOB_STATUS_CHANGE", id=job, status="concluded")
-        jobs = json.loads(monitor.command("query-jobs"))["return"]
+        jobs = json.loads(monitor.command_raw("query-jobs"))["return"]
         outcomes.append([j for j in jobs if j["id"] == job])
-        monitor.command("job-dismiss", {"id": job})
-        outcomes.append(monitor.command("drive-mirror", {
+        monitor.command_raw("job-dismiss", {"id": job})
+        outcomes.append(monitor.command_raw("drive-mirror", {
             "job-id": f"m{index}", "device": "src", "target": path,
             "sync": "full", "format": "raw"}))
     return outcomes

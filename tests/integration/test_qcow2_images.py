@@ -23,49 +23,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemons import DaemonProcess, RawClient
+from tests.support.daemons import DaemonProcess, QMPSession
 
 MiB = 1 << 20
 
 
-class Session:
+class Session(QMPSession):
     """One daemon, one negotiated client; replies returned parsed and raw."""
 
     def __init__(self, daemon: DaemonProcess) -> None:
-        self.daemon = daemon
-        self.client = RawClient(daemon.sockets[0], timeout=60)
-        self.client.recv_message()
-        self.cmd("qmp_capabilities")
-
-    def cmd_raw(self, name: str, arguments: dict | None = None) -> bytes:
-        request: dict = {"execute": name}
-        if arguments is not None:
-            request["arguments"] = arguments
-        self.client.send(json.dumps(request))
-        while True:
-            message = self.client.recv_message()
-            if b'"event":' not in message:
-                return message
-
-    def cmd(self, name: str, arguments: dict | None = None) -> dict:
-        return json.loads(self.cmd_raw(name, arguments))
+        super().__init__(daemon, timeout=60)
 
     def run_job(self, name: str, arguments: dict, job_id: str) -> dict:
         """Start a job, wait for it to conclude, dismiss it; its query-jobs entry."""
-        reply = self.cmd(name, arguments)
+        reply = self.command(name, arguments)
         assert "return" in reply, reply
         while True:
-            jobs = {j["id"]: j for j in self.cmd("query-jobs")["return"]}
+            jobs = {j["id"]: j for j in self.command("query-jobs")["return"]}
             if jobs[job_id]["status"] == "concluded":
                 break
-        self.cmd("job-dismiss", {"id": job_id})
+        self.command("job-dismiss", {"id": job_id})
         return jobs[job_id]
 
 
 def start(kind: str, workdir: Path) -> DaemonProcess:
-    daemon = DaemonProcess(kind, version="7.2" if kind == "qmpjobd" else None,
-                           workdir=workdir)
-    return daemon.start()
+    """A daemon to use as a context manager (``with start(...) as daemon``): entering
+    starts it, leaving stops it."""
+    return DaemonProcess(kind, version="7.2" if kind == "qmpjobd" else None, workdir=workdir)
 
 
 def both(tmp_path: Path):
@@ -157,16 +141,16 @@ def create_flow(session: Session, options: dict) -> tuple[dict, bytes]:
     entry and the new qcow2 node's query (flat)."""
     session.run_job("blockdev-create", {"job-id": "c1", "options": {
         "driver": "file", "filename": "img.qcow2", "size": 0}}, "c1")
-    assert session.cmd("blockdev-add", {"driver": "file", "node-name": "f",
+    assert session.command("blockdev-add", {"driver": "file", "node-name": "f",
                                         "filename": "img.qcow2"}) == {"return": {}}
     job = session.run_job("blockdev-create", {"job-id": "c2", "options": {
         "driver": "qcow2", "file": "f", "size": 16 * MiB, **options}}, "c2")
     query = b""
     if "error" not in job:
-        session.cmd("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f",
+        session.command("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f",
                                      "backing": None})
-        query = session.cmd_raw("query-named-block-nodes", {"flat": True})
-        session.cmd("blockdev-del", {"node-name": "q"})
+        query = session.command_raw("query-named-block-nodes", {"flat": True})
+        session.command("blockdev-del", {"node-name": "q"})
     return job, query
 
 
@@ -226,11 +210,11 @@ def backup_to_raw(directory: Path, image: str, node_options: dict) -> bytes:
     os.truncate(raw, size)
     with start("qmpjobd", directory) as daemon:
         session = Session(daemon)
-        reply = session.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src",
+        reply = session.command("blockdev-add", {"driver": "qcow2", "node-name": "src",
                                              "file": {"driver": "file", "filename": image},
                                              **node_options})
         assert reply == {"return": {}}, reply
-        session.cmd("blockdev-add", {"driver": "raw", "node-name": "dst",
+        session.command("blockdev-add", {"driver": "raw", "node-name": "dst",
                                      "file": {"driver": "file", "filename": "out.raw"}})
         job = session.run_job("blockdev-backup", {"job-id": "b", "device": "src",
                                                   "target": "dst", "sync": "full", "auto-dismiss": False}, "b")
@@ -281,23 +265,23 @@ def test_reads_through_backing_chain(tmp_path: Path) -> None:
 def write_flow(session: Session, create_options: dict, size: int) -> None:
     session.run_job("blockdev-create", {"job-id": "c1", "options": {
         "driver": "file", "filename": "t.qcow2", "size": 0}}, "c1")
-    session.cmd("blockdev-add", {"driver": "file", "node-name": "tf", "filename": "t.qcow2"})
+    session.command("blockdev-add", {"driver": "file", "node-name": "tf", "filename": "t.qcow2"})
     job = session.run_job("blockdev-create", {"job-id": "c2", "options": {
         "driver": "qcow2", "file": "tf", "size": size, **create_options}}, "c2")
     assert "error" not in job, job
     backing = {"backing": {"driver": "qcow2", "file": {"driver": "file",
                                                          "filename": "base.qcow2"}}} \
         if "backing-file" in create_options else {"backing": None}
-    reply = session.cmd("blockdev-add", {"driver": "qcow2", "node-name": "t", "file": "tf",
+    reply = session.command("blockdev-add", {"driver": "qcow2", "node-name": "t", "file": "tf",
                                          **backing})
     assert reply == {"return": {}}, reply
-    session.cmd("blockdev-add", {"driver": "raw", "node-name": "s",
+    session.command("blockdev-add", {"driver": "raw", "node-name": "s",
                                  "file": {"driver": "file", "filename": "src.raw"}})
     job = session.run_job("blockdev-backup", {"job-id": "b", "device": "s", "target": "t",
                                               "sync": "full", "auto-dismiss": False}, "b")
     assert "error" not in job, job
-    session.cmd("blockdev-del", {"node-name": "t"})
-    session.cmd("blockdev-del", {"node-name": "tf"})
+    session.command("blockdev-del", {"node-name": "t"})
+    session.command("blockdev-del", {"node-name": "tf"})
 
 
 @pytest.mark.parametrize("create_options", [
@@ -339,10 +323,10 @@ def test_damaged_header_errors_as_qsd(tmp_path: Path, offset: int, value: bytes)
             image.write(value)
         with start(kind, directory) as daemon:
             session = Session(daemon)
-            replies[kind] = session.cmd_raw("blockdev-add", {
+            replies[kind] = session.command_raw("blockdev-add", {
                 "driver": "qcow2", "node-name": "d",
                 "file": {"driver": "file", "filename": "d.qcow2"}})
             # The daemon is still there and the failed node left nothing behind.
-            assert session.cmd("query-named-block-nodes") == {"return": []}
+            assert session.command("query-named-block-nodes") == {"return": []}
     assert b'"error"' in replies["qsd"]
     assert replies["qmpjobd"] == replies["qsd"]

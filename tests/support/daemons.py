@@ -8,6 +8,7 @@ Both take the same command line (qmpjobd accepts qemu-storage-daemon's --chardev
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -82,6 +83,8 @@ class DaemonProcess:
         return base + args
 
     def start(self, timeout: float = 20.0) -> "DaemonProcess":
+        if self.proc is not None:
+            raise RuntimeError(f"{self.kind} daemon started twice (a second process would be orphaned)")
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.stderr_path = self.tmp / "stderr.log"
@@ -184,3 +187,52 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class QMPSession:
+    """One negotiated connection to a daemon: a command in, its reply out (exact
+    bytes with ``command_raw``, parsed with ``command``); events met on the way are
+    kept in ``events``."""
+
+    def __init__(self, daemon: DaemonProcess, timeout: float = 30.0) -> None:
+        self.daemon = daemon
+        self.client = RawClient(daemon.sockets[0], timeout=timeout)
+        self.events: list[dict] = []
+        self.client.recv_message()                       # greeting
+        self.command("qmp_capabilities")
+
+    def command_raw(self, name: str, arguments: dict | None = None) -> bytes:
+        request: dict = {"execute": name}
+        if arguments is not None:
+            request["arguments"] = arguments
+        self.client.send(json.dumps(request))
+        while True:
+            message = self.client.recv_message()
+            parsed = json.loads(message)
+            if "event" not in parsed:
+                return message
+            self.events.append(parsed)
+
+    def command(self, name: str, arguments: dict | None = None) -> dict:
+        return json.loads(self.command_raw(name, arguments))
+
+    def wait_event(self, name: str, **data: object) -> dict:
+        """The first event ``name`` whose data has ``data``'s members, taken out of
+        ``events`` (read from the socket until it comes)."""
+        while True:
+            for index, event in enumerate(self.events):
+                if event["event"] == name and all(event.get("data", {}).get(k) == v
+                                                  for k, v in data.items()):
+                    return self.events.pop(index)
+            self.events.append(json.loads(self.client.recv_message()))
+
+    def wait_status(self, job_id: str, status: str) -> None:
+        """Until JOB_STATUS_CHANGE of ``job_id`` to ``status`` has arrived (kept in ``events``)."""
+        wanted = {"id": job_id, "status": status}
+        while not any(e["event"] == "JOB_STATUS_CHANGE" and e["data"] == wanted for e in self.events):
+            message = json.loads(self.client.recv_message())
+            if "event" in message:
+                self.events.append(message)
+
+    def close(self) -> None:
+        self.client.close()
