@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import itertools
 import logging
 import os
@@ -36,7 +35,7 @@ import socket
 import tty
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, cast
+from typing import Any, Callable, Iterator, Protocol, cast
 
 from qmpjobd.commands.char import NO_ADDRESS_FILENAME
 from qmpjobd.commands.control import begin_shutdown, version_info
@@ -45,6 +44,7 @@ from qmpjobd.daemon import Daemon
 from qmpjobd.dispatch import Dispatcher
 from qmpjobd.errors import QMPError
 from qmpjobd.qapi.ghash import GHashSet
+from qmpjobd.sockets import ListenCandidate, listen_first_free, resolve_inet, unlink_if_same
 from qmpjobd.versions import Behaviour
 from qmpjobd.wire.encode import encode, encode_event
 from qmpjobd.wire.lexer import ParsedValue, ParseError
@@ -223,7 +223,11 @@ class Connection(asyncio.Protocol):
             dispatcher.deliver(self, message)
             requests += 1
             produced += len(message)
-            if requests >= SLICE_REQUESTS or produced >= SLICE_OUTPUT_BYTES:
+            # Events count too: one command may raise thousands (from 10.0 every
+            # graph change pauses and resumes every running job), and the client
+            # must get the chance to read them before the next command adds more.
+            if (requests >= SLICE_REQUESTS or produced >= SLICE_OUTPUT_BYTES
+                    or self.pending_bytes >= SLICE_OUTPUT_BYTES):
                 break
         self.flush()
         self.update_flow()
@@ -569,46 +573,23 @@ class SocketChardev:
         self._start_listening(sock)
 
     def _open_inet(self) -> None:
-        host, port = self.address["host"], self.address["port"]
-        family = socket.AF_UNSPEC
-        if self.address.get("ipv4") and not self.address.get("ipv6"):
-            family = socket.AF_INET
-        elif self.address.get("ipv6") and not self.address.get("ipv4"):
-            family = socket.AF_INET6
-        flags = socket.AI_PASSIVE if self.listen else 0
-        if self.address.get("numeric"):
-            flags |= socket.AI_NUMERICHOST
-        try:
-            infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, flags)
-        except socket.gaierror as exc:
-            raise QMPError(f"address resolution failed for {host}:{port}: {exc.strerror}") from None
+        infos = resolve_inet(self.address, passive=self.listen)
         if self.listen:
             self._listen_inet(infos)
         else:
-            self._connect_inet(infos, host, port)
+            self._connect_inet(infos, self.address["host"], self.address["port"])
 
     def _listen_inet(self, infos: list) -> None:
-        """QEMU's order: each resolved address in turn, each port of ``port``..``to``;
-        a port in use moves on, any other bind error ends the search."""
-        last_errno = 0
+        self._start_listening(listen_first_free(self._listen_candidates(infos), 1))
+
+    def _listen_candidates(self, infos: list) -> Iterator[ListenCandidate]:
+        """QEMU's order: each resolved address in turn, each port of ``port``..``to``
+        (lazily, so the search stops at the first that binds)."""
         for family, kind, proto, _, sockaddr in infos:
             first = sockaddr[1]
             last = self.address.get("to", first) if first else first
             for port in range(first, max(first, last) + 1):
-                sock = socket.socket(family, kind, proto)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((sockaddr[0], port, *sockaddr[2:]))
-                    sock.listen(1)
-                except OSError as exc:
-                    sock.close()
-                    last_errno = exc.errno or 0
-                    if exc.errno != errno.EADDRINUSE:
-                        raise QMPError(f"Failed to bind socket: {os.strerror(last_errno)}") from None
-                    continue
-                self._start_listening(sock)
-                return
-        raise QMPError(f"Failed to find an available port: {os.strerror(last_errno)}")
+                yield family, kind, proto, (sockaddr[0], port, *sockaddr[2:])
 
     def _connect_inet(self, infos: list, host: str, port: str) -> None:
         error: OSError | None = None
@@ -749,7 +730,7 @@ class SocketChardev:
             self.listener.close()
             self.listener = None
         if self.created is not None:
-            _unlink_if_same(*self.created)
+            unlink_if_same(*self.created)
             self.created = None
         for fd in self.log_fds:
             with contextlib.suppress(OSError):
@@ -761,17 +742,6 @@ def _strerror(exc: OSError | None) -> str:
     if exc is None or exc.errno is None:
         return str(exc)
     return os.strerror(exc.errno)
-
-
-def _unlink_if_same(path: str, dev: int, ino: int) -> None:
-    """Remove the socket file we created, unless another socket has taken the name
-    since (QEMU would remove that one too)."""
-    try:
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) == (dev, ino):
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 class PtyChardev:

@@ -241,11 +241,7 @@ class BlockNode:
 
     async def co_pwrite(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``. Read-only nodes and writes past the end fail."""
-        self._check_request(offset, len(data))
-        if self.read_only:
-            raise io_error(errno.EPERM)
-        if offset + len(data) > self.size:
-            raise io_error(errno.EIO)
+        self._check_write_request(offset, len(data))
         if data:
             self.write_generation += 1
             self.write_request_started(offset, len(data))
@@ -304,11 +300,7 @@ class BlockNode:
         BDRV_REQ_NO_FALLBACK) asks for ENOTSUP instead. Either way the write is
         seen by every node of the chain like any other write.
         """
-        self._check_request(offset, length)
-        if self.read_only:
-            raise io_error(errno.EPERM)
-        if offset + length > self.size:
-            raise io_error(errno.EIO)
+        self._check_write_request(offset, length)
         if not length:
             return
         host = self.host_file()
@@ -402,6 +394,16 @@ class BlockNode:
 
     def _check_request(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or length > REQUEST_MAX_BYTES:
+            raise io_error(errno.EIO)
+
+    def _check_write_request(self, offset: int, length: int) -> None:
+        """The checks a write or zero write passes first. Their order decides the
+        errno a client sees: a malformed request, a read-only node, a range past
+        the end."""
+        self._check_request(offset, length)
+        if self.read_only:
+            raise io_error(errno.EPERM)
+        if offset + length > self.size:
             raise io_error(errno.EIO)
 
     async def _preadv(self, offset: int, length: int) -> bytes:

@@ -32,7 +32,7 @@ import enum
 import errno
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence, Union
+from typing import Protocol, Sequence, Union
 
 # --- constants (NBD protocol document; QEMU include/block/nbd.h) ------------------
 

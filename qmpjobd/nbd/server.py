@@ -33,6 +33,7 @@ from qmpjobd.errors import QMPError
 from qmpjobd.job.coroutine import CoroutineRunner
 from qmpjobd.nbd import protocol as nbd
 from qmpjobd.nbd.protocol import Cmd, ExportView, ProtocolFeatures, Request
+from qmpjobd.sockets import listen_first_free, resolve_inet, unlink_if_same
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpjobd.block.node import BlockNode
@@ -218,7 +219,7 @@ class NbdServer:
             self.listener.close()
             self.listener = None
         if self._created is not None and unlink:
-            _unlink_if_same(*self._created)
+            unlink_if_same(*self._created)
         self._created = None
         for client in list(self.clients):
             client.close()
@@ -374,24 +375,39 @@ class NbdClient(asyncio.Protocol):
     def _fail(self, request: Request, exc: BaseException, message: str) -> None:
         self.write(self.conn.error_reply(request, nbd.nbd_errno(_errno_of(exc)), message))
 
+    async def _node_io(self, request: Request, coro: Coroutine[Any, Any, Any],
+                       message: str) -> bool:
+        """Run one node coroutine for ``request``. A failure is answered at once
+        with QEMU's ``message`` for that step; the caller then stops (False)."""
+        try:
+            await run_node_io(coro)
+        except OSError as exc:
+            self._fail(request, exc, message)
+            return False
+        return True
+
+    async def _pread(self, request: Request, node: "BlockNode", offset: int,
+                     length: int) -> bytes | None:
+        """Data for ``request``, or None once its failure has been answered."""
+        try:
+            return await run_node_io(node.co_pread(offset, length))
+        except OSError as exc:
+            self._fail(request, exc, "reading from file failed")
+            return None
+
     async def _flush(self, export: NbdExport) -> None:
         await run_node_io(export.node.co_flush())
 
     async def _read(self, export: NbdExport, request: Request) -> None:
-        if request.flags & nbd.CMD_FLAG_FUA:
-            try:
-                await self._flush(export)
-            except OSError as exc:
-                self._fail(request, exc, "flush failed")
-                return
+        if request.flags & nbd.CMD_FLAG_FUA and not await self._node_io(
+                request, export.node.co_flush(), "flush failed"):
+            return
         structured = self.conn.mode >= nbd.Mode.STRUCTURED
         if structured and not request.flags & nbd.CMD_FLAG_DF and request.length:
             await self._sparse_read(export, request)
             return
-        try:
-            data = await run_node_io(export.node.co_pread(request.offset, request.length))
-        except OSError as exc:
-            self._fail(request, exc, "reading from file failed")
+        data = await self._pread(request, export.node, request.offset, request.length)
+        if data is None:
             return
         if not structured:
             self.write(self.conn.read_reply_header(request) + data)
@@ -412,65 +428,51 @@ class NbdClient(asyncio.Protocol):
             if kind == "zero":
                 self.write(self.conn.hole_chunk(request, position, count, final))
             else:
-                try:
-                    data = await run_node_io(node.co_pread(position, count))
-                except OSError as exc:
-                    self._fail(request, exc, "reading from file failed")
+                data = await self._pread(request, node, position, count)
+                if data is None:
                     return
                 self.write(self.conn.data_chunk_header(request, position, count, final) + data)
             position += count
 
-    async def _write(self, export: NbdExport, request: Request) -> None:
+    async def _write_and_reply(self, export: NbdExport, request: Request,
+                               write: Coroutine[Any, Any, None]) -> None:
+        """WRITE and WRITE_ZEROES: the write, then a flush where FUA or the
+        export's writethrough asks; QEMU reports a failure of either alike."""
         try:
-            await run_node_io(export.node.co_pwrite(request.offset, request.data))
+            await run_node_io(write)
             if request.flags & nbd.CMD_FLAG_FUA or export.writethrough:
                 await self._flush(export)
         except OSError as exc:
             self._fail(request, exc, "writing to file failed")
             return
         self.write(self.conn.ok_reply(request))
+
+    async def _write(self, export: NbdExport, request: Request) -> None:
+        await self._write_and_reply(export, request,
+                                    export.node.co_pwrite(request.offset, request.data))
 
     async def _write_zeroes(self, export: NbdExport, request: Request) -> None:
         fast = bool(request.flags & nbd.CMD_FLAG_FAST_ZERO)
-        try:
-            await run_node_io(export.node.co_pwrite_zeroes(request.offset, request.length,
-                                                           no_fallback=fast))
-            if request.flags & nbd.CMD_FLAG_FUA or export.writethrough:
-                await self._flush(export)
-        except OSError as exc:
-            self._fail(request, exc, "writing to file failed")
-            return
-        self.write(self.conn.ok_reply(request))
+        await self._write_and_reply(export, request, export.node.co_pwrite_zeroes(
+            request.offset, request.length, no_fallback=fast))
 
     async def _trim(self, export: NbdExport, request: Request) -> None:
-        try:
-            await run_node_io(export.node.co_pdiscard(request.offset, request.length))
-        except OSError as exc:
-            self._fail(request, exc, "discard failed")
+        discard = export.node.co_pdiscard(request.offset, request.length)
+        if not await self._node_io(request, discard, "discard failed"):
             return
-        if request.flags & nbd.CMD_FLAG_FUA:
-            try:
-                await self._flush(export)
-            except OSError as exc:
-                self._fail(request, exc, "discard failed")
-                return
+        if request.flags & nbd.CMD_FLAG_FUA and not await self._node_io(
+                request, export.node.co_flush(), "discard failed"):
+            return
         self.write(self.conn.ok_reply(request))
 
     async def _flush_command(self, export: NbdExport, request: Request) -> None:
-        try:
-            await self._flush(export)
-        except OSError as exc:
-            self._fail(request, exc, "flush failed")
-            return
-        self.write(self.conn.ok_reply(request))
+        if await self._node_io(request, export.node.co_flush(), "flush failed"):
+            self.write(self.conn.ok_reply(request))
 
     async def _cache(self, export: NbdExport, request: Request) -> None:
-        try:
-            await run_node_io(export.node.co_pread(request.offset, request.length))
-        except OSError as exc:
-            self._fail(request, exc, "caching data failed")
-            return
-        self.write(self.conn.ok_reply(request))
+        if await self._node_io(request, export.node.co_pread(request.offset, request.length),
+                               "caching data failed"):
+            self.write(self.conn.ok_reply(request))
 
     async def _block_status(self, export: NbdExport, request: Request) -> None:
         limit = nbd.extent_limit(request)
@@ -580,39 +582,6 @@ def listen_unix(addr: dict) -> tuple[socket.socket, tuple[str, int, int] | None]
 
 def listen_inet(addr: dict) -> socket.socket:
     """A listening TCP socket on exactly the host asked for."""
-    data = addr.get("data", addr)
-    host, port = data["host"], data["port"]
-    family = socket.AF_UNSPEC
-    if data.get("ipv4") and not data.get("ipv6"):
-        family = socket.AF_INET
-    elif data.get("ipv6") and not data.get("ipv4"):
-        family = socket.AF_INET6
-    flags = socket.AI_PASSIVE | (socket.AI_NUMERICHOST if data.get("numeric") else 0)
-    try:
-        infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, flags)
-    except socket.gaierror as exc:
-        raise QMPError(f"address resolution failed for {host}:{port}: {exc.strerror}") from None
-    last_errno = 0
-    for fam, kind, proto, _, sockaddr in infos:
-        sock = socket.socket(fam, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(sockaddr)
-            sock.listen(socket.SOMAXCONN)
-        except OSError as exc:
-            sock.close()
-            last_errno = exc.errno or 0
-            if exc.errno != errno.EADDRINUSE:
-                raise QMPError(f"Failed to bind socket: {os.strerror(last_errno)}") from None
-            continue
-        return sock
-    raise QMPError(f"Failed to find an available port: {os.strerror(last_errno)}")
-
-
-def _unlink_if_same(path: str, dev: int, ino: int) -> None:
-    try:
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) == (dev, ino):
-            os.unlink(path)
-    except OSError:
-        pass
+    infos = resolve_inet(addr.get("data", addr), passive=True)
+    return listen_first_free(((family, kind, proto, sockaddr)
+                              for family, kind, proto, _, sockaddr in infos), socket.SOMAXCONN)

@@ -258,11 +258,7 @@ class Qcow2Node(BlockNode):
                                may_unmap: bool = False) -> None:
         """Zero writes with the zero flag (the generic version would write data).
         MAY_UNMAP only counts on a node opened with discard=unmap, as in QEMU."""
-        self._check_request(offset, length)
-        if self.read_only:
-            raise io_error(errno.EPERM)
-        if offset + length > self.size:
-            raise io_error(errno.EIO)
+        self._check_write_request(offset, length)
         if not length:
             return
         self.write_generation += 1

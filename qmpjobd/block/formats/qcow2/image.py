@@ -410,17 +410,26 @@ class Qcow2Image:
                 for index in range(j, end_index):
                     set_refcount(block, index, self.refcount_order, 1)
                 self.refcount_cache.mark_dirty(new_table[i])
-        await self.flush_cache(self.refcount_cache)
-        await self.storage.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table))
-        await self.storage.flush()
-        await self.storage.pwrite(48, struct.pack(">QI", table_offset, table_clusters))
-        await self.storage.flush()
+        await self._write_table(table_offset, new_table,
+                                48, struct.pack(">QI", table_offset, table_clusters))
         old_offset, old_size = self.header.refcount_table_offset, len(self.reftable)
         self.reftable = new_table
         self.header.refcount_table_offset = table_offset
         self.header.refcount_table_clusters = table_clusters
         await self.free_clusters(old_offset, old_size * 8)
         return end_offset
+
+    async def _write_table(self, offset: int, entries: list[int],
+                           header_at: int, header_fields: bytes) -> None:
+        """Put a new table (reftable or L1) in place: the refcounts of its clusters
+        first, then the table, then the header fields that point at it, each
+        flushed, so the image on disk names either the old table or the complete
+        new one, and never clusters it counts as free."""
+        await self.flush_cache(self.refcount_cache)
+        await self.storage.pwrite(offset, struct.pack(f">{len(entries)}Q", *entries))
+        await self.storage.flush()
+        await self.storage.pwrite(header_at, header_fields)
+        await self.storage.flush()
 
     # --- L1 / L2 ----------------------------------------------------------------------
 
@@ -483,11 +492,8 @@ class Qcow2Image:
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         new_table = self.l1 + [0] * (min_size - len(self.l1))
         new_offset = await self.alloc_clusters(min_size * 8)
-        await self.flush_cache(self.refcount_cache)
-        await self.storage.pwrite(new_offset, struct.pack(f">{min_size}Q", *new_table))
-        await self.storage.flush()
-        await self.storage.pwrite(36, struct.pack(">IQ", min_size, new_offset))
-        await self.storage.flush()
+        await self._write_table(new_offset, new_table,
+                                36, struct.pack(">IQ", min_size, new_offset))
         old_offset, old_size = self.header.l1_table_offset, len(self.l1)
         self.l1 = new_table
         self.header.l1_table_offset = new_offset
@@ -590,12 +596,7 @@ class Qcow2Image:
     async def write(self, offset: int, data: bytes) -> None:
         self._check_writable()
         async with self.lock:
-            view = memoryview(data)
-            while view:
-                chunk = self._table_chunk(offset, len(view))
-                await self._write_in_table(offset, view[:chunk])
-                offset += chunk
-                view = view[chunk:]
+            await self._write_unlocked(offset, data)
 
     def _table_chunk(self, offset: int, length: int) -> int:
         table_bytes = 1 << (self.cluster_bits + self.l2_bits)
