@@ -48,7 +48,7 @@ def confined(layout) -> Iterator[Monitor]:
 
 
 def job_error(monitor: Monitor, job_id: str) -> str | None:
-    jobs = json.loads(monitor.command("query-jobs"))["return"]
+    jobs = json.loads(monitor.command_raw("query-jobs"))["return"]
     return next(job for job in jobs if job["id"] == job_id).get("error")
 
 
@@ -63,20 +63,20 @@ def test_file_nodes_open_only_inside(confined, layout) -> None:
     for path in [str(elsewhere / "secret.raw"), str(allowed / "to-secret"),
                  str(allowed / "to-elsewhere" / "secret.raw"),
                  str(allowed / ".." / "elsewhere" / "secret.raw"), "/etc/passwd"]:
-        assert error_of(confined.command("blockdev-add", file_node(path))) == outside(path)
+        assert error_of(confined.command_raw("blockdev-add", file_node(path))) == outside(path)
     for index, path in enumerate([str(allowed / "disk.raw"), str(allowed / "to-disk")]):
-        reply = confined.command("blockdev-add", file_node(path, f"ok{index}"))
+        reply = confined.command_raw("blockdev-add", file_node(path, f"ok{index}"))
         assert json.loads(reply) == {"return": {}}
 
 
 def test_inline_children_and_relative_paths_are_checked(confined, layout) -> None:
     secret = str(layout["elsewhere"] / "secret.raw")
     raw = {"driver": "raw", "node-name": "r0", "file": {"driver": "file", "filename": secret}}
-    assert error_of(confined.command("blockdev-add", raw)) == outside(secret)
+    assert error_of(confined.command_raw("blockdev-add", raw)) == outside(secret)
     # Relative names resolve against the daemon's working directory (allowed here).
     (confined.daemon.tmp / "local.raw").write_bytes(bytes(4096))
-    assert json.loads(confined.command("blockdev-add", file_node("local.raw"))) == {"return": {}}
-    assert error_of(confined.command("blockdev-add", file_node("../x.raw", "n1"))) \
+    assert json.loads(confined.command_raw("blockdev-add", file_node("local.raw"))) == {"return": {}}
+    assert error_of(confined.command_raw("blockdev-add", file_node("../x.raw", "n1"))) \
         == outside("../x.raw")
 
 
@@ -85,19 +85,19 @@ def test_refusal_does_not_even_reveal_the_kind_of_file(confined, layout) -> None
     os.mkfifo(layout["elsewhere"] / "fifo")
     for name in ["fifo", ".", "missing"]:
         path = str(layout["elsewhere"] / name)
-        assert error_of(confined.command("blockdev-add", file_node(path, read_only=True))) \
+        assert error_of(confined.command_raw("blockdev-add", file_node(path, read_only=True))) \
             == outside(path)
 
 
 def test_blockdev_create_creates_only_inside(confined, layout) -> None:
     target = layout["elsewhere"] / "new.raw"
-    confined.command("blockdev-create", {"job-id": "c0", "options": {
+    confined.command_raw("blockdev-create", {"job-id": "c0", "options": {
         "driver": "file", "filename": str(target), "size": 1 << 20}})
     confined.wait_event("JOB_STATUS_CHANGE", id="c0", status="concluded")
     assert job_error(confined, "c0") == outside(str(target))
     assert not target.exists()
     inside = layout["allowed"] / "new.raw"
-    confined.command("blockdev-create", {"job-id": "c1", "options": {
+    confined.command_raw("blockdev-create", {"job-id": "c1", "options": {
         "driver": "file", "filename": str(inside), "size": 1 << 20}})
     confined.wait_event("JOB_STATUS_CHANGE", id="c1", status="concluded")
     assert job_error(confined, "c1") is None
@@ -107,13 +107,13 @@ def test_blockdev_create_creates_only_inside(confined, layout) -> None:
 def test_create_through_a_symlink_pointing_outside_is_refused(confined, layout) -> None:
     link = layout["allowed"] / "dangling"
     link.symlink_to(layout["elsewhere"] / "would-be-created.raw")
-    confined.command("blockdev-create", {"job-id": "c0", "options": {
+    confined.command_raw("blockdev-create", {"job-id": "c0", "options": {
         "driver": "file", "filename": str(link), "size": 1 << 20}})
     confined.wait_event("JOB_STATUS_CHANGE", id="c0", status="concluded")
     assert job_error(confined, "c0") == outside(str(link))
     assert not (layout["elsewhere"] / "would-be-created.raw").exists()
     # The existing file behind the other symlink is left as it was (not truncated).
-    confined.command("blockdev-create", {"job-id": "c1", "options": {
+    confined.command_raw("blockdev-create", {"job-id": "c1", "options": {
         "driver": "file", "filename": str(layout["allowed"] / "to-secret"), "size": 0}})
     confined.wait_event("JOB_STATUS_CHANGE", id="c1", status="concluded")
     assert job_error(confined, "c1") == outside(str(layout["allowed"] / "to-secret"))
@@ -124,21 +124,21 @@ def test_create_through_a_symlink_pointing_outside_is_refused(confined, layout) 
 def test_drive_targets_only_inside(confined, layout, command) -> None:
     target = str(layout["elsewhere"] / "target.raw")
     args = {"job-id": "d0", "device": "src", "target": target, "sync": "full", "format": "raw"}
-    assert error_of(confined.command(command, args)) == outside(target)
+    assert error_of(confined.command_raw(command, args)) == outside(target)
     assert not os.path.exists(target)
     existing = dict(args, target=str(layout["elsewhere"] / "secret.raw"), mode="existing")
-    assert error_of(confined.command(command, existing)) == outside(existing["target"])
+    assert error_of(confined.command_raw(command, existing)) == outside(existing["target"])
     inside = dict(args, target=str(layout["allowed"] / "target.raw"))
-    assert json.loads(confined.command(command, inside)) == {"return": {}}
+    assert json.loads(confined.command_raw(command, inside)) == {"return": {}}
 
 
 def test_refusals_leave_no_descriptor_behind(confined, layout) -> None:
     secret = str(layout["allowed"] / "to-secret")
-    confined.command("blockdev-add", file_node(secret))          # warm-up
+    confined.command_raw("blockdev-add", file_node(secret))          # warm-up
     before = confined.open_fds()
     for _ in range(30):
-        confined.command("blockdev-add", file_node(secret))
-        confined.command("blockdev-add", file_node(str(layout["allowed"] / "missing")))
+        confined.command_raw("blockdev-add", file_node(secret))
+        confined.command_raw("blockdev-add", file_node(str(layout["allowed"] / "missing")))
     assert confined.open_fds() == before
 
 
