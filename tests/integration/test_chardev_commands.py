@@ -60,11 +60,14 @@ class Session:
 
     def filename_until(self, label: str, wanted: str, timeout: float = 10.0) -> str:
         """query-chardev until ``label`` shows ``wanted`` (after normalising): a
-        peer's close reaches either daemon's main loop a moment after it happens."""
+        peer's close reaches either daemon's main loop a moment after it happens.
+        Only the last query stays in the log: how many polls it took is timing."""
         deadline = time.monotonic() + timeout
+        first = len(self.log)
         while True:
             shown = self.normalised(self.filenames()[label])
             if shown == wanted or time.monotonic() > deadline:
+                del self.log[first:-1]
                 return shown
             time.sleep(0.02)
 
