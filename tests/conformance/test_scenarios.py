@@ -10,7 +10,7 @@ import difflib
 import pytest
 
 from tests.conformance.runner import Player, Scenario, scenario_paths
-from tests.support.oracles import CONFORMANCE_SELECTS_QMPJOBD_VERSION, CONFORMANCE_VERSIONS
+from tests.support.oracles import CONFORMANCE_VERSIONS
 
 
 @pytest.mark.parametrize("path", scenario_paths(), ids=lambda p: p.stem)
@@ -18,7 +18,7 @@ from tests.support.oracles import CONFORMANCE_SELECTS_QMPJOBD_VERSION, CONFORMAN
 def test_scenario_matches_qemu(version, path):
     scenario = Scenario.load(path)
     expected = Player(scenario, "qsd", version).play()
-    player = Player(scenario, "qmpjobd", version if CONFORMANCE_SELECTS_QMPJOBD_VERSION else None)
+    player = Player(scenario, "qmpjobd", version)
     try:
         actual = player.play()
     except Exception as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conformance import wire_fuzz
-from tests.support.oracles import CONFORMANCE_SELECTS_QMPJOBD_VERSION, CONFORMANCE_VERSIONS
+from tests.support.oracles import CONFORMANCE_VERSIONS
 
 # Every personality: 7.2 and 10.0 share one parser; 11.1's (positions, new wording, new
 # recovery) is qmpjobd/wire/push.py, with cases of its own in test_wire_fuzz_11.py.
@@ -22,7 +22,7 @@ CASES = 250
 
 @pytest.mark.parametrize("version", WIRE_FUZZ_VERSIONS)
 def test_hostile_input_matches_qemu(version: str) -> None:
-    ours = version if CONFORMANCE_SELECTS_QMPJOBD_VERSION else None
+    ours = version
     failures = wire_fuzz.run(SEED, CASES, version=version, qmpjobd_version=ours)
     if failures:
         shown = "\n\n".join(failures[:5])
@@ -50,7 +50,7 @@ REPRODUCTIONS = [
 
 @pytest.mark.parametrize("version", WIRE_FUZZ_VERSIONS)
 def test_issue8_long_literals_match_qemu_and_keep_the_connection(version: str) -> None:
-    ours = version if CONFORMANCE_SELECTS_QMPJOBD_VERSION else None
+    ours = version
     oracle = wire_fuzz.DaemonProcess("qsd", version=version)
     qmpjobd = wire_fuzz.DaemonProcess("qmpjobd", version=ours)
     with oracle, qmpjobd:

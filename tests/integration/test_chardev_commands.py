@@ -10,6 +10,8 @@ listens, the pty exists, the file was truncated) on both daemons.
 
 from __future__ import annotations
 
+from tests.support.oracles import SUPPORTED_VERSIONS
+
 import json
 import os
 import re
@@ -22,7 +24,7 @@ import pytest
 from tests.integration.procs import negotiated, tcp_listening_ports
 from tests.support.daemons import DaemonProcess, RawClient
 
-VERSIONS = ("7.2", "10.0", "11.1")
+VERSIONS = SUPPORTED_VERSIONS
 LOOPBACK_V4 = "0100007F"
 
 

@@ -12,6 +12,8 @@ reads the next command).
 
 from __future__ import annotations
 
+from tests.support.oracles import SUPPORTED_VERSIONS
+
 import json
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from tests.support.daemons import DaemonProcess, RawClient
 
 MiB = 1 << 20
-VERSIONS = ("7.2", "10.0", "11.1")
+VERSIONS = SUPPORTED_VERSIONS
 
 
 def _compact(message: dict) -> str:

@@ -8,6 +8,8 @@ structured replies, and the extended headers of 10.0 and 11.1.
 
 from __future__ import annotations
 
+from tests.support.oracles import SUPPORTED_VERSIONS
+
 import struct
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from tests.support import nbd_wire as w
 from tests.support.nbd_setup import nbd_daemon
 
-VERSIONS = ("7.2", "10.0", "11.1")
+VERSIONS = SUPPORTED_VERSIONS
 
 
 def compare(version: str, session) -> list:

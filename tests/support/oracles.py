@@ -14,17 +14,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from qmpjobd.versions import KNOWN_VERSIONS
+
 REPO = Path(__file__).resolve().parents[2]
 
-SUPPORTED_VERSIONS = ("7.2", "10.0", "11.1")
+SUPPORTED_VERSIONS = KNOWN_VERSIONS
 DEFAULT_VERSION = "7.2"
-# The versions the conformance suite plays every scenario against. The lead
-# widens this to SUPPORTED_VERSIONS once qmpjobd has the personalities.
+# The versions the conformance suite plays every scenario against: all of them.
 CONFORMANCE_VERSIONS: tuple[str, ...] = SUPPORTED_VERSIONS
-# Whether qmpjobd is given `--qemu-version V` in the conformance suite. False
-# while qmpjobd has no such option (it is then always 7.2); switch it together
-# with CONFORMANCE_VERSIONS.
-CONFORMANCE_SELECTS_QMPJOBD_VERSION = True
 
 
 @functools.cache

@@ -10,6 +10,8 @@ against the live daemons.
 
 from __future__ import annotations
 
+from tests.support.oracles import SUPPORTED_VERSIONS
+
 import pytest
 
 import qmpjobd.commands as commands
@@ -31,7 +33,7 @@ if "drive" not in commands.MODULES:
     commands.MODULES = (*commands.MODULES, "drive")
 HANDLERS = commands.load_all()
 MiB = 1 << 20
-VERSIONS = ("7.2", "10.0", "11.1")
+VERSIONS = SUPPORTED_VERSIONS
 
 
 _OPEN: list["Harness"] = []
