@@ -33,6 +33,12 @@ MODULES = (
     "block_export",
     "char",
     "qom",
+    # Issues 11 and 12: each area in its own module (absent modules are skipped).
+    "snapshot",          # blockdev-snapshot(-sync), change-backing-file, block_resize
+    "stream_commit",     # block-stream, block-commit
+    "graph_debug",       # x-debug-query-block-graph, blockdev-reopen
+    "qcow2_snapshot",    # internal snapshots, x-blockdev-amend
+    "bitmaps",           # block-dirty-bitmap-*, x-debug-block-dirty-bitmap-sha256
     # The test controls: always registered, but reachable only in a daemon whose
     # schema has them (--test-controls loads schema/qapi-schema-testing.json).
     "testing",

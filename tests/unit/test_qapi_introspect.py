@@ -31,7 +31,7 @@ REQUIRED = [
     "blockdev-backup", "drive-backup", "blockdev-mirror", "drive-mirror", "blockdev-create",
     "transaction",
 ]
-EVENTS = ["JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
+EVENTS = ["JOB_STATUS_CHANGE", "BLOCK_IMAGE_CORRUPTED", "BLOCK_IO_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
           "BLOCK_JOB_ERROR", "BLOCK_JOB_READY", "BLOCK_JOB_PENDING",
           "BLOCK_WRITE_THRESHOLD", "BLOCK_EXPORT_DELETED"]
 _SCHEMAS: dict[str, Schema] = {}

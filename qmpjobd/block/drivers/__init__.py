@@ -20,6 +20,10 @@ _IMPLEMENTED = {
     "raw": "raw:RawNode",
     "blkdebug": "blkdebug:BlkdebugNode",
     "qcow2": "qcow2:Qcow2Node",
+    # Filters of issues 11 and 12 (a module not written yet counts as unsupported).
+    "copy-on-read": "copy_on_read:CopyOnReadNode",
+    "copy-before-write": "copy_before_write:CopyBeforeWriteNode",
+    "snapshot-access": "snapshot_access:SnapshotAccessNode",
 }
 
 
@@ -33,7 +37,12 @@ def driver_class(name: str) -> type:
     if target is None:
         raise QMPError(f"Driver '{name}' is not supported by qmpjobd")
     module_name, class_name = target.split(":")
-    module = importlib.import_module(f"{__name__}.{module_name}")
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{module_name}":
+            raise
+        raise QMPError(f"Driver '{name}' is not supported by qmpjobd") from None
     return getattr(module, class_name)
 
 
