@@ -39,14 +39,14 @@ schema: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info $(SOCKET)
 
-# Coverage-guided fuzzing of the lexer, the validator and the keyval parser with
+# Coverage-guided fuzzing of the lexer, the validator, the keyval parser and qcow2 images with
 # atheris, FUZZ_SECONDS each (not part of `make test`). Corpora grow in build/fuzz/;
 # a crashing input is written to build/fuzz/crash-*. See fuzz/README.md.
 FUZZ_SECONDS ?= 120
 .PHONY: fuzz
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[fuzz]'
-	@for target in lexer validator keyval; do \
+	@for target in lexer validator keyval qcow2; do \
 		mkdir -p build/fuzz/$$target; \
 		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
 		$(BIN)/python fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_SECONDS) \

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from bench.config import Config
-from bench.workloads import data, embedding, fairness, jobs, protocol
+from bench.workloads import data, embedding, fairness, jobs, nbd, protocol, qcow2
 
 WorkloadFn = Callable[[str, Config], dict[str, float]]
 
@@ -36,6 +36,11 @@ WORKLOADS: list[Workload] = [
     Workload("churn", jobs.churn, 3, 1, "manual backup jobs: start, PENDING, finalize, dismiss"),
     Workload("fanout", jobs.fanout, 3, 1, "64 monitors receive every event of the jobs"),
     Workload("data", data.data, 3, 1, "backup and mirror of a random raw image, bit-exact"),
+    Workload("nbd", nbd.nbd, 3, 1, "nbdcopy: read a raw and a qcow2 export to null:, write a raw export"),
+    Workload("qcow2_backup", qcow2.backup, 3, 1, "backup raw -> new qcow2 (blockdev-create), 1 GiB"),
+    Workload("qcow2_mirror", qcow2.mirror, 3, 1, "mirror qcow2 -> new qcow2, sync full, 1 GiB"),
+    Workload("qcow2_commit", qcow2.commit, 3, 1, "active block-commit of a half-full overlay, 1 GiB"),
+    Workload("qcow2_stream", qcow2.stream, 3, 1, "block-stream of a two-image chain, 1 GiB"),
     # One repetition: qsd needs ~45 s to start 1000 jobs (each backup start drains
     # every node, so it is quadratic); the metrics are medians of many samples.
     Workload("scale", jobs.scale, 1, 1, "rate-limited backups all RUNNING"),
@@ -108,6 +113,27 @@ ROWS: list[Target] = [
     T("data", "mirror_wall_s", "mirror 1 GiB, wall", "s", ratio_max=1.0),
     T("data", "mirror_cpu_s", "mirror 1 GiB, daemon CPU", "s"),
     T("data", "mirror_bit_exact", "mirror target bit-exact", "bool", "higher", must_be=1.0),
+    T("qcow2_backup", "backup_wall_s", "qcow2 backup raw->qcow2 1 GiB, wall", "s", ratio_max=1.0),
+    T("qcow2_backup", "backup_cpu_s", "qcow2 backup raw->qcow2 1 GiB, daemon CPU", "s"),
+    T("qcow2_backup", "backup_exact", "qcow2 backup raw->qcow2 1 GiB: qemu-img compare+check", "bool", "higher", must_be=1.0),
+    T("qcow2_mirror", "mirror_wall_s", "qcow2 mirror qcow2->qcow2 1 GiB, wall", "s", ratio_max=1.0),
+    T("qcow2_mirror", "mirror_cpu_s", "qcow2 mirror qcow2->qcow2 1 GiB, daemon CPU", "s"),
+    T("qcow2_mirror", "mirror_exact", "qcow2 mirror qcow2->qcow2 1 GiB: qemu-img compare+check", "bool", "higher", must_be=1.0),
+    T("qcow2_commit", "commit_wall_s", "qcow2 active commit 1 GiB, wall", "s", ratio_max=1.0),
+    T("qcow2_commit", "commit_cpu_s", "qcow2 active commit 1 GiB, daemon CPU", "s"),
+    T("qcow2_commit", "commit_exact", "qcow2 active commit 1 GiB: qemu-img compare+check", "bool", "higher", must_be=1.0),
+    T("qcow2_stream", "stream_wall_s", "qcow2 stream 1 GiB, wall", "s", ratio_max=1.0),
+    T("qcow2_stream", "stream_cpu_s", "qcow2 stream 1 GiB, daemon CPU", "s"),
+    T("qcow2_stream", "stream_exact", "qcow2 stream 1 GiB: qemu-img compare+check", "bool", "higher", must_be=1.0),
+    T("nbd", "read_raw_wall_s", "nbdcopy raw export -> null:, 1 GiB", "s", ratio_max=1.0),
+    T("nbd", "read_raw_cpu_s", "nbdcopy raw read, daemon CPU", "s"),
+    T("nbd", "read_raw_exact", "raw export reads the image", "bool", "higher", must_be=1.0),
+    T("nbd", "read_qcow2_wall_s", "nbdcopy qcow2 export -> null:, 1 GiB", "s", ratio_max=1.0),
+    T("nbd", "read_qcow2_cpu_s", "nbdcopy qcow2 read, daemon CPU", "s"),
+    T("nbd", "read_qcow2_exact", "qcow2 export reads the image", "bool", "higher", must_be=1.0),
+    T("nbd", "write_raw_wall_s", "nbdcopy raw file -> writable export, 1 GiB", "s", ratio_max=1.0),
+    T("nbd", "write_raw_cpu_s", "nbdcopy write, daemon CPU", "s"),
+    T("nbd", "write_raw_exact", "written export equals the source", "bool", "higher", must_be=1.0),
     T("scale", "query_p50_ms", "query-jobs p50, 1000 running", "ms", abs_max=10.0),
     T("scale", "idle_cpu_pct", "idle CPU, 1000 running", "% core", abs_max=5.0),
     T("scale", "rss_mib", "RSS, 1000 running (16 GiB nodes)", "MiB"),

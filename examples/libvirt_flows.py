@@ -16,6 +16,8 @@ FLOW is one of:
 Like libvirt it tags every command with "id": "libvirt-N", ends each with CRLF,
 reacts to JOB_STATUS_CHANGE only (ready, pending, concluded) and ignores the legacy
 BLOCK_JOB_* events. It prints one line per step so that two runs can be compared.
+libvirt_chain_flows.py (snapshot, blockcommit, blockpull) and libvirt_backup_flows.py
+(checkpoints, push and pull backup) reuse this monitor for qcow2 chains and bitmaps.
 """
 
 from __future__ import annotations
@@ -222,16 +224,22 @@ def run(path: str, flow: str, workdir: str) -> list[str]:
 FLOWS = ("push-backup", "cancel-backup", "create", "mirror-pivot", "mirror-abort", "reconnect")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli_main(doc: str, flows: "tuple[str, ...]", run_one: Any) -> int:
+    """The command line of every flow script: SOCKET FLOW [--workdir DIR]; prints
+    the flow's step lines."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("socket")
-    parser.add_argument("flow", choices=FLOWS)
+    parser.add_argument("flow", choices=flows)
     parser.add_argument("--workdir", default=None, help="where image files go (default: a new temp dir)")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="qmpjobd-example-")
-    for line in run(args.socket, args.flow, workdir):
+    for line in run_one(args.socket, args.flow, workdir):
         print(line)
     return 0
+
+
+def main() -> int:
+    return cli_main(__doc__ or "", FLOWS, run)
 
 
 if __name__ == "__main__":

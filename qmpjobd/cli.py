@@ -532,7 +532,9 @@ def build_daemon(config: Config) -> "Daemon":
         try:
             daemon.graph.add(parse_blockdev(daemon.schema, text))
         except QMPError as exc:
-            raise UsageError(f"--blockdev {text}: {exc.desc}") from None
+            # QEMU prints a hint on the next line (a lock error names the image).
+            hint = getattr(exc, "hint", "").rstrip("\n")
+            raise UsageError(f"--blockdev {text}: {exc.desc}" + (f"\n{hint}" if hint else "")) from None
     return daemon
 
 

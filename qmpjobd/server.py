@@ -1051,6 +1051,12 @@ class Server:
             log.warning("exiting with %d job(s) still stopping after %g s: %s",
                         len(self.abandoned_jobs), self.shutdown_grace_s,
                         ", ".join(str(job.id) for job in self.abandoned_jobs))
+        try:
+            self.daemon.graph.close_all()
+        except Exception:
+            # A failing close must not keep the daemon from exiting (QEMU reports
+            # a failed flush on stderr and goes on).
+            log.exception("error while closing block nodes at exit")
         for connection, reply in self._final_replies:
             connection.queue(reply)
         self.flush_all()

@@ -89,6 +89,11 @@ GRAPH_CHANGES: dict[str, GraphChange] = {
     "insert-node": GraphChange("bdrv_insert_node", _PLAIN),
     "drop-filter": GraphChange("bdrv_drop_filter", _PLAIN),
     "replace-node": GraphChange("bdrv_replace_node", _PLAIN),
+    # block-stream's prepare: the streamed node's new backing child.
+    "set-backing": GraphChange("bdrv_set_backing_hd_drained", _PLAIN),
+    # A job's read-only <-> read-write switch of a node (stream's device,
+    # commit's base): bdrv_reopen_set_read_only.
+    "reopen": GraphChange("bdrv_reopen_multiple", _PLAIN),
     # Block jobs.
     "job-create": GraphChange("block_job_create", _HELD_SINCE_10_1),
     "job-add-node": GraphChange("block_job_add_bdrv", _HELD_SINCE_10_1),

@@ -19,6 +19,7 @@ import re
 from typing import Any, Iterable, Iterator
 
 from qmpjobd.block.drain import GRAPH_CHANGES, SectionKind, operation_changes
+from qmpjobd.block import permissions
 from qmpjobd.block.drivers import driver_class
 from qmpjobd.block.node import BlockNode, extract_child_options, flatten_options
 from qmpjobd.confine import PathPolicy
@@ -122,10 +123,14 @@ class BlockGraph:
         """Open a node and its inline children; on failure, forget all of them."""
         created: list[BlockNode] = []
         try:
-            return self._open(options, created)
+            node = self._open(options, created)
+            # Permissions of every new edge, and the image locks they bring.
+            permissions.refresh(self)
+            return node
         except BaseException:
             for orphan in reversed(created):
                 self._forget(orphan)
+            permissions.refresh(self, may_fail=False)
             raise
 
     def _open(self, options: dict, created: list[BlockNode],
@@ -219,9 +224,14 @@ class BlockGraph:
             return node
         child_options = dict(ref)
         # A read-only parent opens its inline children read-only (QEMU inherits it).
-        if parent_options.get("read-only") and "read-only" not in child_options:
+        inherited = parent_options.get("read-only") and "read-only" not in child_options
+        if inherited:
             child_options["read-only"] = True
-        return self._open(child_options, created, flat)
+        node = self._open(child_options, created, flat)
+        if inherited:
+            # Not the user's own choice: a reopen read-write takes it along.
+            node.read_only_inherited = True
+        return node
 
     def _claim_name(self, wanted: str | None) -> tuple[str, bool]:
         if wanted is None:
@@ -237,6 +247,11 @@ class BlockGraph:
         if len(wanted.encode()) > NODE_NAME_MAX:
             raise QMPError("Node name too long")
         return wanted, False
+
+    def skip_generated_names(self, count: int) -> None:
+        """Nodes QEMU opens and drops inside one operation (an image creation's
+        temporary nodes) use up generated names; later names count on from there."""
+        self._auto_name_counter += count
 
     def open_implicit(self, options: dict) -> BlockNode:
         """Open a node the daemon needs itself (drive-mirror/drive-backup targets):
@@ -269,27 +284,39 @@ class BlockGraph:
                       child: BlockNode) -> BlockNode:
         """Create an implicit filter node above ``child`` (mirror's mirror_top).
 
-        Parents of ``child`` would move to the filter (QEMU's bdrv_append); a
-        qmpjobd job only filters root nodes, so there are none to move.
+        Parents of ``child`` move to the filter (QEMU's bdrv_append); a qmpjobd
+        job only filters root nodes, so only exports (BlockBackends) move.
         """
         name, auto_named = self._claim_name(node_name)
         node = cls(self, name, {"driver": cls.driver}, {cls.child_roles[0]: child}, auto_named)
         with self.graph_change("append"):
             node.open()
             self.nodes[name] = node
+            _move_backends(child, node)
+        permissions.refresh(self, may_fail=False)
         return node
 
-    def drop_filter(self, node: BlockNode) -> None:
+    def drop_filter(self, node: BlockNode, backends_to: BlockNode | None = None) -> None:
         """Remove an implicit filter inserted by ``insert_filter``: its parents move
-        back to its child, then its last reference goes. Dropping it twice is a
-        no-op (a job's early failure and its caller may both ask)."""
+        back to its child (exports: to ``backends_to`` if given, a mirror's pivot
+        target), then its last reference goes. Dropping it twice is a no-op (a
+        job's early failure and its caller may both ask)."""
         if self.nodes.get(node.node_name) is not node:
             return
         with self.graph_change("drop-filter"):
+            destination = backends_to or node.backing_node() or node.file_child
+            if destination is not None:
+                _move_backends(node, destination)
             self.nodes.pop(node.node_name, None)
-            node.detach_children()
+            children = node.detach_children()
         with self.graph_change("close"):
             node.close()
+            # A child the daemon opened for a job (a drive-backup target) whose
+            # last reference was the filter's goes inside the filter's close.
+            for child in children:
+                if child.release_when_unused:
+                    self.release_implicit(child)
+        permissions.refresh(self, may_fail=False)
 
     def replace_node(self, old: BlockNode, new: BlockNode, keep: BlockNode | None = None) -> None:
         """Point every parent of ``old`` (except ``keep``) at ``new`` (mirror pivot)."""
@@ -302,6 +329,115 @@ class BlockGraph:
                     parent.children[role] = new
             old.parent_nodes.remove(parent)
             new.parent_nodes.append(parent)
+        _move_backends(old, new)
+        permissions.refresh(self, may_fail=False)
+
+    def move_exports(self, old: BlockNode, new: BlockNode) -> None:
+        """The exports on ``old`` (BlockBackends that are not jobs) now use ``new``."""
+        _move_backends(old, new)
+
+    # --- external snapshots (bdrv_append) -------------------------------------------
+
+    @staticmethod
+    def set_backing(overlay: BlockNode, backing: BlockNode | None) -> None:
+        """bdrv_set_backing_hd: make ``backing`` (None: nothing) the COW child of
+        ``overlay``, listed first as QEMU lists the newest child, with the
+        blocker a backing link puts on its child. The image header is not touched."""
+        old = overlay.children.get("backing")
+        if old is not backing:
+            check_link_unfrozen(overlay, "backing")
+        if old is not None:
+            del overlay.children["backing"]
+            if overlay in old.parent_nodes:
+                old.parent_nodes.remove(overlay)
+            old.remove_blockers(overlay)
+        if backing is not None:
+            overlay.children = {"backing": backing, **overlay.children}
+            backing.parent_nodes.append(overlay)
+            backing.add_blocker(overlay, f"node is used as backing hd of '{overlay.node_name}'")
+
+    def append_overlay(self, overlay: BlockNode, node: BlockNode) -> Any:
+        """bdrv_append: ``node`` becomes the backing of ``overlay`` and ``overlay``
+        takes ``node``'s place for every parent (parent nodes, and the exports
+        that reach it through a BlockBackend of their own). Returns the undo,
+        QEMU's abort path: the backing link goes and every moved parent returns."""
+        if reaches(node, overlay):
+            raise QMPError(f"Making '{node.node_name}' a backing child of "
+                           f"'{overlay.node_name}' would create a cycle")
+        with self.graph_change("append"):
+            self.set_backing(overlay, node)
+            moved_parents = self._move_parents(node, overlay, keep=overlay)
+            moved_backends = _move_backends(node, overlay)
+        permissions.refresh(self, may_fail=False)
+
+        def undo() -> None:
+            self.set_backing(overlay, None)
+            with self.graph_change("replace-node"):
+                for parent in moved_parents:
+                    _repoint(parent, overlay, node)
+                _move_backends(overlay, node, only=moved_backends)
+            permissions.refresh(self, may_fail=False)
+
+        return undo
+
+    @staticmethod
+    def _move_parents(old: BlockNode, new: BlockNode, keep: BlockNode) -> list[BlockNode]:
+        moved = [parent for parent in old.parent_nodes if parent is not keep]
+        for parent in moved:
+            _repoint(parent, old, new)
+        return moved
+
+    # --- filters above inner nodes (block-stream, block-commit) ---------------------
+
+    def insert_filter_above(self, cls: type[BlockNode], node_name: str | None,
+                            child: BlockNode, options: dict | None = None,
+                            change: str = "insert-node") -> BlockNode:
+        """bdrv_insert_node / bdrv_append of a job's filter: a new node of ``cls``
+        above ``child`` that takes over ``child``'s parent nodes (their backing
+        blockers move with them) and its exports. The filter is the newest node."""
+        name, auto_named = self._claim_name(node_name)
+        node = cls(self, name, {"driver": cls.driver, **(options or {})},
+                   {cls.child_roles[0]: child}, auto_named)
+        with self.graph_change(change):
+            node.open()
+            self.nodes[name] = node
+            for parent in [p for p in child.parent_nodes if p is not node]:
+                self.relink_child(parent, child, node)
+            _move_backends(child, node)
+        return node
+
+    def join_drained_sections(self, node: BlockNode, child: BlockNode) -> None:
+        """``node``, a new parent of ``child``, is quiesced by every open drained
+        section that quiesces ``child`` (QEMU drains a parent whose new child is
+        drained), so a job attaching to ``node`` meanwhile pauses at once."""
+        for _key, quiesced in self._drained_sections:
+            if child in quiesced and node not in quiesced:
+                quiesced.append(node)
+                node.quiesce_counter += 1
+
+    def relink_child(self, parent: BlockNode, old: BlockNode, new: BlockNode) -> None:
+        """``parent``'s links to ``old`` now go to ``new``, in place (QEMU's
+        bdrv_replace_child); a backing blocker ``parent`` put on ``old`` moves too."""
+        _repoint(parent, old, new)
+        moved = [b for b in old.blockers if b.owner is parent]
+        if moved:
+            old.remove_blockers(parent)
+            new.blockers.extend(moved)
+
+    def remove_filter_from_chain(self, node: BlockNode) -> None:
+        """The parents of filter ``node`` (exports too) go back to its child; the
+        filter keeps its own child link and stays listed (a job holding it frees
+        it later)."""
+        child = node.backing_node() or node.file_child
+        for parent in list(node.parent_nodes):
+            self.relink_child(parent, node, child)
+        if child is not None:
+            _move_backends(node, child)
+
+    def forget_node(self, node: BlockNode) -> None:
+        """Drop a node nothing references any more (and the children only it held)."""
+        if self.nodes.get(node.node_name) is node:
+            self._forget(node)
 
     # --- blockdev-del -----------------------------------------------------------
 
@@ -330,6 +466,22 @@ class BlockGraph:
             for child in node.detach_children():
                 if not child.monitor_owned and not child.parent_nodes and not child.job_users:
                     self._forget(child)
+        # Edges went away: locks of the nodes that stay loosen.
+        permissions.refresh(self, may_fail=False)
+
+    def close_all(self) -> None:
+        """Close every node at exit, parents first, as QEMU's bdrv_close_all does
+        once the jobs are gone: what a format keeps in memory (qcow2 metadata,
+        persistent dirty bitmaps) reaches the image. A node a job still uses
+        (one that did not stop in time) is left open, with what lies below it."""
+        while True:
+            roots = [node for node in self.nodes.values()
+                     if not node.parent_nodes and not node.job_users]
+            if not roots:
+                return
+            for node in roots:
+                if node.node_name in self.nodes:
+                    self._forget(node)
 
     # --- drained sections -------------------------------------------------------
 
@@ -464,6 +616,110 @@ class BlockGraph:
 
 
 _NO_SECTION: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
+def reaches(top: BlockNode, wanted: BlockNode) -> bool:
+    """``wanted`` is ``top`` or lies below it through any child (bdrv_recurse_has_child)."""
+    stack, seen = [top], set()
+    while stack:
+        node = stack.pop()
+        if node is wanted:
+            return True
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(node.children.values())
+    return False
+
+
+def _repoint(parent: BlockNode, old: BlockNode, new: BlockNode) -> None:
+    """Every child link of ``parent`` to ``old`` now goes to ``new``."""
+    for role, child in parent.children.items():
+        if child is old and frozen_count(parent, role):
+            # bdrv_replace_node_noperm's refusal, before anything moved.
+            raise QMPError(f"Cannot change '{role}' link to '{old.node_name}'")
+    for role, child in list(parent.children.items()):
+        if child is old:
+            parent.children[role] = new
+    if parent in old.parent_nodes:
+        old.parent_nodes.remove(parent)
+    new.parent_nodes.append(parent)
+
+
+# --- frozen links (QEMU's BdrvChild.frozen, bdrv_freeze_backing_chain) ---------------
+#
+# A block-stream or block-commit freezes the links of the chain it works on; every
+# link change goes through set_backing or _repoint (and blockdev-reopen asks
+# check_link_unfrozen before it plans one), so those are the only checks. A job
+# unfreezes its links just before its own final graph change, as QEMU does.
+
+FrozenLink = tuple[BlockNode, str]
+
+
+def frozen_count(parent: BlockNode, role: str) -> int:
+    """How many jobs froze ``parent``'s ``role`` link (0: it may change)."""
+    return getattr(parent, "frozen_links", {}).get(role, 0)
+
+
+def check_link_unfrozen(parent: BlockNode, role: str) -> None:
+    """bdrv_set_file_or_backing_noperm's refusal to touch a frozen link."""
+    if frozen_count(parent, role):
+        child = parent.children[role]
+        raise QMPError(f"Cannot change frozen '{role}' link from "
+                       f"'{parent.node_name}' to '{child.node_name}'")
+
+
+def chain_links(top: BlockNode, stop: BlockNode | None) -> list[FrozenLink]:
+    """The filter-or-COW links from ``top`` down to (and into) ``stop``; to the
+    bottom of the chain when ``stop`` is None or not below ``top``."""
+    links: list[FrozenLink] = []
+    node = top
+    while node is not stop:
+        child = node.filter_or_cow_child()
+        if child is None:
+            break
+        role = "backing" if node.children.get("backing") is child else \
+            next(r for r, c in node.children.items() if c is child)
+        links.append((node, role))
+        node = child
+    return links
+
+
+def freeze_chain(top: BlockNode, stop: BlockNode | None) -> list[FrozenLink]:
+    """bdrv_freeze_backing_chain(top, stop): refuse if a link is frozen already
+    (bdrv_is_backing_chain_frozen's text), else freeze them all; returns the
+    links for ``unfreeze_links``."""
+    links = chain_links(top, stop)
+    for parent, role in links:
+        if frozen_count(parent, role):
+            raise QMPError(f"Cannot change '{role}' link from '{parent.node_name}' "
+                           f"to '{parent.children[role].node_name}'")
+    for parent, role in links:
+        counts = parent.__dict__.setdefault("frozen_links", {})
+        counts[role] = counts.get(role, 0) + 1
+    return links
+
+
+def unfreeze_links(links: list[FrozenLink]) -> None:
+    """Undo ``freeze_chain`` (the caller clears its list: unfreezing is once)."""
+    for parent, role in links:
+        counts = parent.__dict__.get("frozen_links", {})
+        if counts.get(role, 0) > 1:
+            counts[role] -= 1
+        else:
+            counts.pop(role, None)
+
+
+def _move_backends(old: BlockNode, new: BlockNode, only: list | None = None) -> list:
+    """Hand the exports holding ``old`` through a BlockBackend over to ``new``
+    (jobs keep their nodes: a node a job uses is busy for a snapshot anyway)."""
+    moved = [user for user in old.backend_users
+             if user not in old.job_users and (only is None or user in only)]
+    for user in moved:
+        old.backend_users.remove(user)
+        new.backend_users.append(user)
+        if getattr(user, "node", None) is old:
+            user.node = new
+    return moved
 
 
 def check_generic_options(options: dict) -> None:

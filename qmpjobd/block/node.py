@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Largest single request QEMU's block layer accepts (BDRV_REQUEST_MAX_BYTES).
 REQUEST_MAX_BYTES = 0x7FFFFE00
+# Largest length a node may have (BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB).
+MAX_LENGTH = 0x7FFFFFFFC0000000
 
 
 # Zero writes that fall back to data go down in pieces of this size.
@@ -96,6 +98,10 @@ class BlockNode:
     is_filter: ClassVar[bool] = False
     # Option members that name children (inline dict or node-name reference).
     child_roles: ClassVar[tuple[str, ...]] = ()
+    # QEMU hands an aligned zero-length read or write to the driver too; True for
+    # the drivers where that is observable and harmless (blkdebug checks its
+    # rules). Elsewhere a zero-length request does nothing.
+    forwards_empty_requests: ClassVar[bool] = False
 
     def __init__(self, graph: "BlockGraph", node_name: str, options: dict,
                  children: dict[str, "BlockNode"], auto_named: bool) -> None:
@@ -121,7 +127,8 @@ class BlockNode:
         # "Node <n> is in use" before it looks at blockers.
         self.backend_users: list[Any] = []
         self.blockers: list[Blocker] = []
-        # Callables returning BlockDirtyInfo dicts (a mirror's dirty bitmap).
+        # Dirty bitmaps, newest first (qmpjobd.block.dirty_bitmap.DirtyBitmap); a
+        # mirror job may still put a callable returning BlockDirtyInfo here.
         self.dirty_bitmaps: list[Any] = []
         # Nested drained sections currently applied to this node.
         self.quiesce_counter = 0
@@ -135,6 +142,10 @@ class BlockNode:
         # threshold of block-set-write-threshold (0: disarmed).
         self.wr_highest_offset = 0
         self.write_threshold = 0
+        # Copy-before-write notifiers (a backup job's filter, which sits above
+        # this node in QEMU): each is awaited with (offset, length) before a
+        # write, zero write or discard reaches this node, to save the old data.
+        self.before_write_notifiers: list[Any] = []
         # QEMU's BDRV_O_INACTIVE cleared (10.0+ personalities can change it with
         # blockdev-add active=false and blockdev-set-active; 7.2 has no way to).
         self.active: bool = bool(options.get("active", True))
@@ -225,6 +236,11 @@ class BlockNode:
         if self.blockers:
             raise QMPError(f"Node '{self.node_name}' is busy: {self.blockers[0].reason}")
 
+    def is_inserted(self) -> bool:
+        """QEMU's bdrv_is_inserted: a node is "inserted" while every child is (a
+        format whose image was marked corrupt drops its driver and answers False)."""
+        return all(child.is_inserted() for child in self.children.values())
+
     # --- I/O ------------------------------------------------------------------------
 
     async def co_pread(self, offset: int, length: int) -> bytes:
@@ -235,6 +251,10 @@ class BlockNode:
         if inside:
             with self._request():
                 data = await self._preadv(offset, inside)
+        elif not length and self.forwards_empty_requests \
+                and offset % self.request_alignment() == 0:
+            with self._request():
+                await self._preadv(offset, 0)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -243,6 +263,8 @@ class BlockNode:
         """Write ``data`` at ``offset``. Read-only nodes and writes past the end fail."""
         self._check_write_request(offset, len(data))
         if data:
+            if self.before_write_notifiers:
+                await self.notify_before_write(offset, len(data))
             self.write_generation += 1
             self.write_request_started(offset, len(data))
             try:
@@ -250,6 +272,15 @@ class BlockNode:
                     await self._pwritev(offset, data)
             finally:
                 self.write_request_finished(offset, len(data))
+        elif self.forwards_empty_requests and offset % self.request_alignment() == 0:
+            with self._request():
+                await self._pwritev(offset, data)
+
+    async def notify_before_write(self, offset: int, length: int) -> None:
+        """Run the copy-before-write notifiers for a request about to change
+        ``length`` bytes at ``offset``; a notifier's OSError fails the request."""
+        for notifier in list(self.before_write_notifiers):
+            await notifier(offset, length)
 
     def extend_for_write(self, end: int) -> None:
         """Let a format driver above write up to ``end`` (QEMU allows a format to
@@ -271,6 +302,38 @@ class BlockNode:
     def write_request_finished(self, offset: int, length: int) -> None:
         """QEMU's write-request finish step; it runs whether the write failed or not."""
         self.wr_highest_offset = max(self.wr_highest_offset, offset + length)
+        if self.dirty_bitmaps:
+            self.mark_dirty(offset, length)
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Set the bits of every recording dirty bitmap of this node (QEMU's
+        bdrv_set_dirty). The generic write, zero-write and discard paths call it
+        when a request finishes, failed or not, whoever made it."""
+        for bitmap in self.dirty_bitmaps:
+            if not hasattr(bitmap, "set_dirty"):
+                continue
+            # A write that grew the node (a format writing past its file's
+            # end) grows the bitmaps with it, as QEMU's write-finish step does.
+            if bitmap.size < self.size and offset + length > bitmap.size:
+                bitmap.truncate(self.size)
+            if bitmap.recording:
+                bitmap.set_dirty(offset, length)
+
+    def find_dirty_bitmap(self, name: str) -> Any:
+        """The dirty bitmap called ``name`` on this node, or None."""
+        for bitmap in self.dirty_bitmaps:
+            if getattr(bitmap, "name", None) == name:
+                return bitmap
+        return None
+
+    def add_dirty_bitmap(self, bitmap: Any) -> None:
+        """Attach ``bitmap`` as the newest of this node's bitmaps."""
+        bitmap.node = self
+        self.dirty_bitmaps.insert(0, bitmap)
+
+    def remove_dirty_bitmap(self, bitmap: Any) -> None:
+        if bitmap in self.dirty_bitmaps:
+            self.dirty_bitmaps.remove(bitmap)
 
     def data_chain(self, offset: int = 0) -> Iterator[tuple["BlockNode", int]]:
         """This node and every data child below it, each with where ``offset`` lies
@@ -303,6 +366,8 @@ class BlockNode:
         self._check_write_request(offset, length)
         if not length:
             return
+        if self.before_write_notifiers:
+            await self.notify_before_write(offset, length)
         host = self.host_file()
         if host is not None and await _zero_host_range(self, host, offset, length):
             return
@@ -327,10 +392,17 @@ class BlockNode:
             return
         if self.read_only:
             raise io_error(errno.EPERM)
+        if self.before_write_notifiers:
+            await self.notify_before_write(offset, length)
         self.write_generation += 1
         self.write_request_started(offset, length)
-        with self._request():
-            await self._pdiscard(offset, length)
+        try:
+            with self._request():
+                await self._pdiscard(offset, length)
+        finally:
+            # A discard dirties bitmaps like a write (not wr_highest_offset).
+            if self.dirty_bitmaps:
+                self.mark_dirty(offset, length)
 
     async def _pdiscard(self, offset: int, length: int) -> None:
         """Driver discard; formats and filters pass it to their data child, a
@@ -338,6 +410,10 @@ class BlockNode:
         child = self.file_child
         if child is not None:
             await child._pdiscard(offset + self.child_offset(), length)
+            # The discard reached the child: its bitmaps see it (QEMU passes
+            # it through the child's own discard request).
+            if child.dirty_bitmaps:
+                child.mark_dirty(offset + self.child_offset(), length)
 
     async def co_flush(self) -> None:
         """Make written data durable. A node not written since its last flush does
@@ -391,6 +467,36 @@ class BlockNode:
     def child_offset(self) -> int:
         """Where this node's byte 0 lies in its data child (raw ``offset``)."""
         return 0
+
+    # --- resizing (block_resize) ----------------------------------------------------
+
+    def truncate(self, size: int) -> None:
+        """QEMU's bdrv_co_truncate: the generic checks, in QEMU's order and with its
+        texts, then the driver's ``_truncate``. Synchronous: block_resize runs it
+        on a drained node. ``zero_new``: the backing file is longer than the old
+        size, so the new area must be made to read as zeroes."""
+        if size < 0:
+            raise QMPError("Cannot truncate to a negative size")
+        if size > MAX_LENGTH:
+            raise QMPError(f"offset({size}) exceeds maximum({MAX_LENGTH})")
+        if self.read_only:
+            raise QMPError("Image is read-only")
+        backing = self.backing_node()
+        zero_new = size > self.size and backing is not None and backing.size > self.size
+        self._truncate(size, zero_new)
+        if self.dirty_bitmaps:
+            # The node's dirty bitmaps follow its new length (bdrv_dirty_bitmap_truncate).
+            from qmpjobd.block.dirty_bitmap import truncate_bitmaps
+            truncate_bitmaps(self, self.size)
+
+    def _truncate(self, size: int, zero_new: bool) -> None:
+        """Driver resize; a filter passes it to its child, other drivers cannot."""
+        child = self.file_child
+        if self.is_filter and child is not None:
+            child.truncate(size)
+            self.size = child.size
+            return
+        raise QMPError("Image format driver does not support resize")
 
     def _check_request(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or length > REQUEST_MAX_BYTES:
@@ -536,8 +642,9 @@ class BlockNode:
                 "min-mem-alignment": min_mem, "opt-mem-alignment": opt_mem}
 
     def dirty_bitmap_infos(self) -> list[dict]:
-        """BlockDirtyInfo of the bitmaps jobs keep on this node (mirror's)."""
-        return [provider() for provider in self.dirty_bitmaps]
+        """BlockDirtyInfo of this node's dirty bitmaps, newest first."""
+        return [bitmap.info() if hasattr(bitmap, "info") else bitmap()
+                for bitmap in self.dirty_bitmaps]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.node_name!r} size={self.size}>"

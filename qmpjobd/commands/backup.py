@@ -47,26 +47,47 @@ def _perf(args: dict) -> "BackupPerf":
     perf.use_copy_range = x_perf.get("use-copy-range", perf.use_copy_range)
     perf.max_workers = x_perf.get("max-workers", perf.max_workers)
     perf.max_chunk = x_perf.get("max-chunk", perf.max_chunk)
+    perf.min_cluster_size = x_perf.get("min-cluster-size", perf.min_cluster_size)
     return perf
 
 
-def check_bitmap_arguments(source: Any, args: dict) -> None:
-    """do_backup_common's bitmap rules, in QEMU's order."""
+def check_bitmap_arguments(source: Any, args: dict) -> tuple[str, Any, str]:
+    """do_backup_common's bitmap rules, in QEMU's order.
+
+    Returns ``(sync, bitmap, bitmap_mode)`` as the job takes them: ``incremental``
+    is ``bitmap`` with ``on-success``; ``bitmap`` is None without one.
+    """
+    from qmpjobd.block.drivers.copy_before_write import bitmap_use_problem
+
     sync = args["sync"]
+    mode = args.get("bitmap-mode")
     if sync in BITMAP_SYNC_MODES and "bitmap" not in args:
         raise QMPError(f"must provide a valid bitmap name for '{sync}' sync mode")
-    if sync == "incremental" and args.get("bitmap-mode", "on-success") != "on-success":
-        raise QMPError("Bitmap sync mode must be 'on-success' when using sync mode "
-                       "'incremental'")
-    if "bitmap" in args:
-        find = getattr(source, "find_dirty_bitmap", None)
-        bitmap = find(args["bitmap"]) if find is not None else None
-        if bitmap is None:
-            raise QMPError(f"Bitmap '{args['bitmap']}' could not be found")
-        # Dirty bitmaps are not modelled by the block layer yet.
-        raise QMPError("Backup with a dirty bitmap is not supported by qmpjobd")
-    if "bitmap-mode" in args:
-        raise QMPError("Cannot specify bitmap sync mode without a bitmap")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise QMPError("Bitmap sync mode must be 'on-success' when using sync mode "
+                           "'incremental'")
+        sync, mode = "bitmap", "on-success"
+    if "bitmap" not in args:
+        if mode is not None:
+            raise QMPError("Cannot specify bitmap sync mode without a bitmap")
+        return sync, None, "on-success"
+    find = getattr(source, "find_dirty_bitmap", None)
+    bitmap = find(args["bitmap"]) if find is not None else None
+    if bitmap is None:
+        raise QMPError(f"Bitmap '{args['bitmap']}' could not be found")
+    if mode is None:
+        raise QMPError("Bitmap sync mode must be given when providing a bitmap")
+    # BDRV_BITMAP_ALLOW_RO: a read-only bitmap may drive a backup.
+    problem = bitmap_use_problem(bitmap, check_readonly=False)
+    if problem is not None:
+        raise QMPError(problem)
+    if sync == "none":
+        raise QMPError("sync mode 'none' does not produce meaningful bitmap outputs")
+    if mode == "never" and sync != "bitmap":
+        raise QMPError(f"Bitmap sync mode 'never' has no meaningful effect when combined "
+                       f"with sync mode '{sync}'")
+    return sync, bitmap, mode
 
 
 def _block_size_warner(daemon: Any) -> Callable[[int], None]:
@@ -81,17 +102,25 @@ def create_backup_job(actx: ActionContext, action: TxnAction, source: Any, targe
     # Job drivers load on first use: a daemon's start-up does not need them.
     from qmpjobd.block.jobs.backup import BackupJob
 
-    check_bitmap_arguments(source, args)
-    # on-cbw-error (11.1) is taken and has nothing to act on: it decides what a
-    # guest write that fails to copy does, and nothing writes to a backup source
-    # here (no exports, no guest).
+    sync, bitmap, bitmap_mode = check_bitmap_arguments(source, args)
+    if source is not target:
+        # backup_job_create, after "Source and target cannot be the same"; QEMU
+        # names the BlockBackend, which a storage daemon's nodes never have.
+        for node in (source, target):
+            if not node.is_inserted():
+                raise QMPError("Device is not inserted: ")
+    # on-cbw-error (11.1) is taken; a copy that fails for a write to the source
+    # fails that write (break-guest-write, the default) in qmpjobd either way.
     job = BackupJob(
         actx.daemon.jobs,
         # Without job-id QEMU uses the BlockBackend name, which qsd nodes never have.
         args.get("job-id", ""),
         source,
         target,
-        sync=args["sync"],
+        sync=sync,
+        bitmap=bitmap,
+        bitmap_mode=bitmap_mode,
+        filter_node_name=args.get("filter-node-name"),
         speed=args.get("speed", 0),
         on_source_error=args.get("on-source-error", "report"),
         on_target_error=args.get("on-target-error", "report"),

@@ -52,11 +52,11 @@ def blockdev_set_active(ctx: Context, args: dict) -> dict:
     # every node first, so even a refusal shows the section.
     if personality_of(ctx.daemon).has(INACTIVATE_DRAINS_ALL):
         with _drained(ctx, None):
-            inactivate(nodes_to_inactivate(graph, node))
+            inactivate(nodes_to_inactivate(graph, node), graph)
         return {}
     reached = nodes_to_inactivate(graph, node)
     with _drained(ctx, reached):
-        inactivate(reached)
+        inactivate(reached, graph)
     return {}
 
 

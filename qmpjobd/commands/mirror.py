@@ -16,7 +16,7 @@ from qmpjobd.errors import QMPError
 from qmpjobd.job.states import JobVerb, check_verb
 
 # QEMU format drivers that exist but cannot create images.
-_NO_CREATE = ("null-co", "null-aio", "blkdebug", "blkverify", "blkreplay", "copy-on-read",
+NO_CREATE = ("null-co", "null-aio", "blkdebug", "blkverify", "blkreplay", "copy-on-read",
               "compress", "preallocate", "throttle", "copy-before-write", "snapshot-access",
               "nbd", "http", "https", "ftp", "ftps", "host_cdrom", "host_device", "vvfat",
               "quorum", "replication")
@@ -50,7 +50,7 @@ def start_mirror(ctx: Context, source: Any, target: Any, args: dict, *,
         # Without job-id QEMU uses the BlockBackend name, which qsd nodes never have.
         args.get("job-id", ""),
         source, target,
-        sync="full" if sync == "top" else sync,    # no backing files: top is full
+        sync=sync,             # the job copies only what lies above the backing for top
         replaces=replaces,
         speed=args.get("speed", 0),
         granularity=args.get("granularity", 0),
@@ -73,6 +73,8 @@ def start_mirror(ctx: Context, source: Any, target: Any, args: dict, *,
 def blockdev_mirror(ctx: Context, args: dict) -> dict:
     graph = ctx.daemon.graph
     source = graph.lookup_root(args["device"])
+    if not source.is_inserted():
+        raise QMPError("Device has no medium")       # qmp_get_root_bs
     target = graph.lookup(args["target"])
     graph.graph_changes("aio-context")     # bdrv_try_change_aio_context(target)
     start_mirror(ctx, source, target, args, zero_target=(args["sync"] == "full"))
@@ -80,25 +82,41 @@ def blockdev_mirror(ctx: Context, args: dict) -> dict:
 
 
 def open_target_file(ctx: Context, source: Any, args: dict, *,
-                     extra_options: dict | None = None) -> tuple[Any, bool]:
+                     extra_options: dict | None = None,
+                     backing_source: Any = None,
+                     open_backing: bool = False) -> tuple[Any, bool]:
     """drive-mirror/drive-backup: create (unless ``mode`` is existing) and open the
-    target image; returns (node, created_new). Formats: raw and file. The node is
-    dropped by the graph once the job using it lets go (or by the caller on error)."""
+    target image; returns (node, created_new). Formats: raw, file and qcow2.
+
+    ``backing_source`` is the node whose filename and format a new qcow2 target
+    records as its backing file (QEMU's bdrv_img_create with the source's or its
+    backing's name). The target opens without its backing chain (QEMU's
+    BDRV_O_NO_BACKING) unless ``open_backing``. The node is dropped by the graph
+    once the job using it lets go (or by the caller on error)."""
+    from qmpjobd.commands.snapshot import create_image
+
     mode = args.get("mode", "absolute-paths")
     fmt = args.get("format")
     if fmt is None and mode != "existing":
         fmt = source.driver
     filename = args["target"]
+    graph = ctx.daemon.graph
     if mode != "existing":
-        if fmt in _NO_CREATE:
+        if fmt in NO_CREATE:
             raise QMPError(f"Format driver '{fmt}' does not support image creation")
-        if fmt not in ("raw", "file"):
+        if fmt not in _TARGET_FORMATS:
             raise QMPError(f"Driver '{fmt}' is not supported by qmpjobd")
-        from qmpjobd.block.jobs.create import check_not_in_use, create_file
+        if fmt == "qcow2":
+            backing = backing_source
+            create_image(graph, filename, fmt, source.size,
+                         backing.filename() if backing is not None else None,
+                         backing.driver if backing is not None else None)
+        else:
+            from qmpjobd.block.jobs.create import check_not_in_use, create_file
 
-        check_not_in_use(ctx.daemon.graph, filename)
-        create_file(filename, source.size, policy=ctx.daemon.graph.path_policy)
-    elif fmt is not None and fmt not in ("raw", "file"):
+            check_not_in_use(graph, filename)
+            create_file(filename, source.size, policy=graph.path_policy)
+    elif fmt is not None and fmt not in _TARGET_FORMATS:
         raise QMPError(f"Driver '{fmt}' is not supported by qmpjobd")
     options: dict = {"driver": fmt or "raw", **(extra_options or {})}
     if "node-name" in args:
@@ -107,16 +125,39 @@ def open_target_file(ctx: Context, source: Any, args: dict, *,
         options["filename"] = filename
     else:
         options["file"] = {"driver": "file", "filename": filename}
-    return ctx.daemon.graph.open_implicit(options), mode != "existing"
+    if options["driver"] == "qcow2" and not open_backing:
+        options["backing"] = None
+    return graph.open_implicit(options), mode != "existing"
+
+
+# The formats a drive-mirror/drive-backup target may have here.
+_TARGET_FORMATS = ("raw", "file", "qcow2")
+
+
+def mirror_backing_source(source: Any, sync: str) -> Any:
+    """drive-mirror: the node a new target names as its backing file: the
+    source's backing for sync=top, the source itself for none, nothing for full
+    (or a top without a backing)."""
+    if sync == "none":
+        return source
+    if sync == "top":
+        return source.backing_node()
+    return None
 
 
 @command("drive-mirror")
 def drive_mirror(ctx: Context, args: dict) -> dict:
     graph = ctx.daemon.graph
     source = graph.lookup_root(args["device"])
+    if not source.is_inserted():
+        raise QMPError("Device has no medium")       # qmp_get_root_bs
     if "replaces" in args and "node-name" not in args:
         raise QMPError("a node-name must be provided when replacing a named node of the graph")
-    target, created = open_target_file(ctx, source, args)
+    if args["sync"] == "top" and source.backing_node() is None:
+        # QEMU turns top into full for a source without a backing file.
+        args = {**args, "sync": "full"}
+    target, created = open_target_file(
+        ctx, source, args, backing_source=mirror_backing_source(source, args["sync"]))
     try:
         graph.graph_changes("aio-context")     # bdrv_try_change_aio_context(target)
         # A new image reads as zeroes already; an existing one must be overwritten.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
+from qmpjobd.block import activation, dirty_bitmap, permissions
 from qmpjobd.errors import QMPError
 from qmpjobd.nbd import protocol as nbd
 from qmpjobd.nbd.server import NbdExport, NbdServer
@@ -34,6 +35,12 @@ STRAY_SPACE_IN_LEN = Behaviour("'len (N )' in the over-long request message", si
 # the daemons; the release in between that changed it was not pinned down).
 STOP_DELETES_NEWEST_FIRST = Behaviour("nbd-server-stop and daemon exit announce the newest export's "
                                       "deletion first", since="10.0")
+# blk_exp_add activates the exported node unless allow-inactive (added with
+# blockdev-set-active); its silent -ENOMEDIUM on a corrupt qcow2 makes
+# block-export-add answer {} and add nothing.
+EXPORT_ADD_ACTIVATES = Behaviour("block-export-add activates its node first; a node whose "
+                                 "driver went makes it succeed without an export",
+                                 since="10.0")
 # The fixed 10 s handshake limit of 7.2.22 (a stable fix) became the
 # handshake-max-seconds option.
 HANDSHAKE_SECONDS_DEFAULT = 10
@@ -104,8 +111,14 @@ class ExportRegistry:
 
     # --- block-export-add / -del ---------------------------------------------------------
 
-    def add_nbd(self, args: dict) -> NbdExport:
-        """block-export-add with type nbd; ``args`` validated by the schema."""
+    def add_nbd(self, args: dict) -> NbdExport | None:
+        """block-export-add with type nbd; ``args`` validated by the schema.
+
+        QEMU's order: the generic checks of blk_exp_add (id, node, read-only,
+        iothread), then the export's BlockBackend is attached (a permission
+        conflict with a job shows here), then the NBD driver's own checks; a
+        failure after the attach detaches it again.
+        """
         export_id = args["id"]
         if not _ID_PATTERN.match(export_id):
             raise QMPError("Invalid block export id")
@@ -118,26 +131,73 @@ class ExportRegistry:
         if writable and node.read_only:
             raise QMPError("Cannot export read-only node as writable")
         self._check_iothread(args.get("iothread"))
+        allow_inactive = args.get("allow-inactive", False)
+        if not allow_inactive and self.personality.has(EXPORT_ADD_ACTIVATES) \
+                and not node.is_inserted():
+            # blk_exp_add activates the node first (since 10.0, with
+            # blockdev-set-active); bdrv_activate fails on a node whose driver a
+            # fatal corruption dropped with -ENOMEDIUM and no error text, so QEMU
+            # answers success and adds nothing.
+            return None
+        if not allow_inactive and not node.active:
+            # An export that may not see an inactive node takes the image over
+            # (blk_exp_add activates it, children first).
+            activation.activate(self.graph, node)
+        export = NbdExport(export_id, args.get("name", args["node-name"]), node,
+                           writable=writable, description=args.get("description"),
+                           writethrough=args.get("writethrough", False),
+                           allocation_depth=args.get("allocation-depth", False),
+                           bitmaps=(), multi_conn=False)
+        export.allow_inactive = allow_inactive
+        self._attach(export)
+        try:
+            self._nbd_checks(export, args)
+        except QMPError:
+            self._detach(export)
+            raise
+        assert self.server is not None
+        export.set_multi_conn(self.server.max_connections != 1)
+        # Marked busy only once every check passed, so a failure leaves nothing to undo;
+        # busy until the export is gone (no remove, clear, merge or backup meanwhile).
+        for bitmap in export.bitmaps:
+            bitmap.busy = True
+        self.exports.insert(0, export)
+        self.server.exports[export.name] = export
+        return export
+
+    def _attach(self, export: NbdExport) -> None:
+        """The export's BlockBackend on its node: consistent read (and write when
+        writable), checked against every other user of the graph (jobs' filters and
+        targets) by the block layer's permission checker. Held in
+        ``node.backend_users``, which also makes blockdev-del refuse the node."""
+        export.node.backend_users.append(export)
+        try:
+            permissions.refresh(self.graph)
+        except QMPError:
+            self._detach(export)
+            raise
+
+    def _detach(self, export: NbdExport) -> None:
+        if export in export.node.backend_users:
+            export.node.backend_users.remove(export)
+            permissions.refresh(self.graph, may_fail=False)
+
+    def _nbd_checks(self, export: NbdExport, args: dict) -> None:
+        """nbd_export_create's checks, in its order; fills in the bitmaps."""
         if self.server is None:
             raise QMPError("NBD server not running")
-        name = args.get("name", args["node-name"])
+        name = export.name
         if len(name.encode()) > nbd.MAX_STRING_SIZE:
             raise QMPError(f"export name '{name}' too long")
-        description = args.get("description")
+        description = export.description
         if description is not None and len(description.encode()) > nbd.MAX_STRING_SIZE:
             raise QMPError(f"description '{description}' too long")
         if self.server.export_named(name) is not None:
             raise QMPError(f"NBD server already has export named '{name}'")
-        bitmaps = [self._export_bitmap(node, entry) for entry in args.get("bitmaps", [])]
-        export = NbdExport(export_id, name, node, writable=writable, description=description,
-                           writethrough=args.get("writethrough", False),
-                           allocation_depth=args.get("allocation-depth", False),
-                           bitmaps=bitmaps, multi_conn=self.server.max_connections != 1)
-        # The export holds the node as a BlockBackend does: blockdev-del refuses it.
-        node.backend_users.append(export)
-        self.exports.insert(0, export)
-        self.server.exports[name] = export
-        return export
+        if not export.node.is_inserted():
+            raise QMPError("Failed to determine the NBD export's length: No medium found")
+        export.bitmaps = [self._export_bitmap(export.node, entry, export.writable)
+                          for entry in args.get("bitmaps", [])]
 
     def _check_iothread(self, iothread: Any) -> None:
         names = [] if iothread is None else [iothread] if isinstance(iothread, str) else iothread
@@ -145,17 +205,26 @@ class ExportRegistry:
             if self.objects.get(ident, "iothread") is None:
                 raise QMPError(f"iothread \"{ident}\" not found")
 
-    def _export_bitmap(self, node: Any, entry: Any) -> Any:
-        """An entry of ``bitmaps``: a name on the node (or below it), or {node, name}.
-
-        qmpjobd has no dirty bitmaps yet, so every lookup ends in QEMU's
-        not-found message; the found case belongs to the bitmap layer.
-        """
+    def _export_bitmap(self, node: Any, entry: Any, writable: bool) -> Any:
+        """An entry of ``bitmaps`` (QEMU's nbd_export_create): a name searched on the
+        node and down its filter/backing chain, or {node, name}; then the busy and
+        inconsistent checks (a read-only bitmap may be exported)."""
         if isinstance(entry, str):
-            raise QMPError(f"Bitmap '{entry}' is not found")
-        if self.graph.find(entry["node"]) is None:
-            raise QMPError(f"Node '{entry['node']}' not found")
-        raise QMPError(f"Dirty bitmap '{entry['name']}' not found")
+            holder, bitmap = _find_in_chain(node, entry)
+            if bitmap is None:
+                raise QMPError(f"Bitmap '{entry}' is not found")
+            if not writable and not holder.read_only and bitmap.recording:
+                raise QMPError(f"Enabled bitmap '{entry}' incompatible with readonly export")
+        else:
+            holder = self.graph.find(entry["node"])
+            if holder is None:
+                raise QMPError(f"Node '{entry['node']}' not found")
+            bitmap = _find_bitmap(holder, entry["name"])
+            if bitmap is None:
+                raise QMPError(f"Dirty bitmap '{entry['name']}' not found")
+        # A read-only bitmap may be exported; a busy or inconsistent one not.
+        bitmap.check(dirty_bitmap.CHECK_BUSY | dirty_bitmap.CHECK_INCONSISTENT)
+        return bitmap
 
     def delete(self, export_id: str, mode: str = "safe") -> None:
         export = self.find(export_id)
@@ -183,8 +252,9 @@ class ExportRegistry:
             self.exports.remove(export)
         if self.server is not None and self.server.exports.get(export.name) is export:
             del self.server.exports[export.name]
-        if export in export.node.backend_users:
-            export.node.backend_users.remove(export)
+        self._detach(export)
+        for bitmap in export.bitmaps:
+            bitmap.busy = False
         self.emit("BLOCK_EXPORT_DELETED", {"id": export.id})
 
     # --- nbd-server-add / -remove (deprecated) --------------------------------------------
@@ -232,6 +302,25 @@ class ExportRegistry:
         socket file stays, as qemu-storage-daemon leaves it)."""
         self._delete_all()
         self.close(unlink=False)
+
+
+def _find_bitmap(node: Any, name: str) -> Any:
+    finder = getattr(node, "find_dirty_bitmap", None)
+    if finder is not None:
+        return finder(name)
+    return next((b for b in node.dirty_bitmaps if getattr(b, "name", None) == name), None)
+
+
+def _find_in_chain(node: Any, name: str) -> tuple[Any, Any]:
+    """(holder, bitmap) of the first bitmap called ``name`` on the node or below it
+    through filter and backing children (QEMU's bdrv_filter_or_cow_bs walk)."""
+    while node is not None:
+        bitmap = _find_bitmap(node, name)
+        if bitmap is not None:
+            return node, bitmap
+        node = node.filter_or_cow_child()
+    return None, None
+
 
 
 def close_exports(daemon: Any) -> None:

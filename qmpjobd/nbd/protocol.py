@@ -738,7 +738,8 @@ class ServerConnection:
             raise _Fatal("Request handling failed in intermediate state")
         if len(self._buffer) < payload_length:
             return False
-        payload = bytes(self._buffer[:payload_length])
+        with memoryview(self._buffer) as view:     # one copy, not two
+            payload = bytes(view[:payload_length])
         del self._buffer[:payload_length]
         self._pending = None
         if command == Cmd.WRITE:

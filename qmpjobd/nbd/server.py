@@ -1,23 +1,28 @@
 """The NBD export server: sockets in front of ``qmpjobd.nbd.protocol``.
 
 One :class:`NbdServer` per daemon (``nbd-server-start``), serving any number
-of :class:`NbdExport` objects, each on one block node. A client is an
-``asyncio.Protocol`` that feeds its bytes to a ``ServerConnection`` and acts
-on the events: bytes go out as they are, requests become node I/O.
+of :class:`NbdExport` objects, each on one block node. A client is a
+:class:`NbdClient` on a :class:`~qmpjobd.nbd.channel.SocketChannel`: its bytes
+go to a ``ServerConnection``, whose events become output or node I/O.
 
 Node I/O goes through the node's public entry points (``co_pread``,
 ``co_pwrite``, ``co_pdiscard``, ``co_flush``), so an NBD client's writes pass
-the same write path as a job's (write thresholds, ``wr_highest_offset``, and
-later dirty bitmaps see them). Those coroutines are made for the job engine,
-which steps coroutines by hand (a driver may yield a bottom-half reschedule
-rather than a future), so each request is run by a ``CoroutineRunner`` whose
-result is handed to the asyncio side through a future.
+the same write path as a job's (write thresholds, ``wr_highest_offset``,
+dirty bitmaps). Those coroutines are made for the job engine, which steps
+coroutines by hand (a driver may yield a bottom-half reschedule rather than a
+future), so each request is run by a ``CoroutineRunner`` whose result is
+handed to the asyncio side through a future.
+
+Reads whose bytes lie in plain host files (a file node, raw on one, the normal
+clusters of a qcow2 chain on files: ``status.file_pieces``) skip that path:
+the reply header is queued and the file ranges follow through ``sendfile``,
+for simple replies and structured data chunks alike. Block status (and the
+holes of a structured read) comes from ``qmpjobd.nbd.status``.
 
 As in QEMU, at most 16 requests of one client are in flight: further requests
 wait, and reading stops until one finishes. Replies go out as soon as their
 request finishes, so they may overtake each other.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -32,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterator, Sequence
 from qmpjobd.errors import QMPError
 from qmpjobd.job.coroutine import CoroutineRunner
 from qmpjobd.nbd import protocol as nbd
+from qmpjobd.nbd import status
+from qmpjobd.nbd.channel import SocketChannel
 from qmpjobd.nbd.protocol import Cmd, ExportView, ProtocolFeatures, Request
 from qmpjobd.sockets import listen_first_free, resolve_inet, unlink_if_same
 
@@ -42,6 +49,9 @@ log = logging.getLogger("qmpjobd.nbd")
 
 # Stop reading a client whose unsent replies pass this; resume below half.
 HIGH_WATER = 64 * 1024 * 1024
+# The socket send buffer of a client: room for a few large read replies in the
+# kernel, so sendfile moves big pieces per wake-up (capped by net.core.wmem_max).
+SEND_BUFFER = 4 * 1024 * 1024
 
 
 def run_node_io(coro: Coroutine[Any, Any, Any]) -> asyncio.Future:
@@ -91,9 +101,15 @@ class NbdExport:
         # QEMU rounds the exported size down to whole sectors.
         self.size = node.size // 512 * 512
         self.flags = nbd.export_flags(writable=writable, multi_conn=multi_conn)
+        # allow-inactive (10.0+): the node may be (or become) inactive; only READ
+        # is served then.
+        self.allow_inactive = False
         self.clients: list[NbdClient] = []
         self.shutting_down = False
         self.on_deleted: Callable[["NbdExport"], None] | None = None
+
+    def set_multi_conn(self, multi_conn: bool) -> None:
+        self.flags = nbd.export_flags(writable=self.writable, multi_conn=multi_conn)
 
     def view(self) -> ExportView:
         limits = self.node.block_limits()
@@ -193,17 +209,13 @@ class NbdServer:
 
     def _start_client(self, conn: socket.socket) -> None:
         conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = NbdClient(self)
-        # uvloop's transport does not keep the socket object alive, and a
-        # collected socket object closes its descriptor.
-        client.sock = conn
         self.clients.append(client)
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.connect_accepted_socket(lambda: client, conn))
-        task.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None
-                               else self.client_gone(client))
+        client.start(conn)
 
     def client_gone(self, client: "NbdClient") -> None:
         if client in self.clients:
@@ -225,14 +237,13 @@ class NbdServer:
             client.close()
 
 
-class NbdClient(asyncio.Protocol):
+class NbdClient:
     """One connection: the protocol state and the requests in flight."""
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
         self.conn = nbd.ServerConnection(server, server.features)
-        self.transport: asyncio.Transport | None = None
-        self.sock: socket.socket | None = None
+        self.channel: SocketChannel | None = None
         self.export: NbdExport | None = None
         self.in_flight = 0
         self.waiting: deque[Request] = deque()
@@ -241,15 +252,14 @@ class NbdClient(asyncio.Protocol):
         self._write_paused = False
         self._handshake_timer: asyncio.TimerHandle | None = None
 
-    # --- asyncio callbacks -------------------------------------------------------------
+    # --- the socket ----------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses.
-        self.transport = transport  # type: ignore[assignment]
-        if self.closed:     # the server stopped while the socket was being wrapped
-            transport.abort()
-            return
-        transport.write(self.conn.greeting())
+    def start(self, sock: socket.socket) -> None:
+        self.channel = SocketChannel(sock, on_data=self.data_received, on_eof=self.close,
+                                     on_lost=self.connection_lost, on_pause=self.pause_writing,
+                                     on_resume=self.resume_writing, high_water=HIGH_WATER)
+        self.channel.write(self.conn.greeting())
+        self.channel.resume_reading()
         if self.server.handshake_timeout_s:
             self._handshake_timer = asyncio.get_running_loop().call_later(
                 self.server.handshake_timeout_s, self._handshake_expired)
@@ -259,11 +269,7 @@ class NbdClient(asyncio.Protocol):
             self._handle(event)
         self._update_reading()
 
-    def eof_received(self) -> bool:
-        self.close()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self) -> None:
         self.closed = True
         self._cancel_timer()
         self.server.client_gone(self)
@@ -313,8 +319,12 @@ class NbdClient(asyncio.Protocol):
             self._handshake_timer = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.transport is not None and not self.closed and data:
-            self.transport.write(data)
+        if self.channel is not None and not self.closed:
+            self.channel.write(data)
+
+    def send_file_range(self, fd: int, offset: int, count: int) -> None:
+        if self.channel is not None and not self.closed:
+            self.channel.sendfile(fd, offset, count)
 
     def close(self) -> None:
         """Drop the connection; what was already queued still goes out."""
@@ -323,8 +333,8 @@ class NbdClient(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         self.waiting.clear()
-        if self.transport is not None:
-            self.transport.close()
+        if self.channel is not None:
+            self.channel.close()
         else:
             self.server.client_gone(self)
         if self.export is not None:
@@ -333,16 +343,16 @@ class NbdClient(asyncio.Protocol):
     # --- flow control --------------------------------------------------------------------
 
     def _update_reading(self) -> None:
-        if self.transport is None or self.closed:
+        if self.channel is None or self.closed:
             return
         want = (self.in_flight < nbd.MAX_REQUESTS and not self.waiting
                 and not self._write_paused)
         if want != self._reading:
             self._reading = want
             if want:
-                self.transport.resume_reading()
+                self.channel.resume_reading()
             else:
-                self.transport.pause_reading()
+                self.channel.pause_reading()
 
     def _start_requests(self) -> None:
         while self.waiting and self.in_flight < nbd.MAX_REQUESTS and not self.closed:
@@ -364,6 +374,9 @@ class NbdClient(asyncio.Protocol):
     async def _serve(self, request: Request) -> None:
         export = self.export
         if export is None or self.closed:
+            return
+        if request.command != Cmd.READ and not export.node.active:
+            self.write(self.conn.error_reply(request, nbd.NBD_EPERM, "export is inactive"))
             return
         handler = _HANDLERS.get(request.command)
         if handler is None:  # unknown commands never pass the protocol's checks
@@ -406,15 +419,35 @@ class NbdClient(asyncio.Protocol):
         if structured and not request.flags & nbd.CMD_FLAG_DF and request.length:
             await self._sparse_read(export, request)
             return
+        if structured and not request.length:
+            # QEMU still passes the empty read down the chain (a blkdebug rule
+            # may fail it).
+            if await self._pread(request, export.node, request.offset, 0) is not None:
+                self.write(self.conn.done_chunk(request))
+            return
+        pieces = status.file_pieces(export.node, request.offset, request.length)
+        if pieces is not None:
+            header = (self.conn.data_chunk_header(request, request.offset, request.length, True)
+                      if structured else self.conn.read_reply_header(request))
+            self.write(header)
+            self._send_pieces(pieces)
+            return
         data = await self._pread(request, export.node, request.offset, request.length)
         if data is None:
             return
         if not structured:
-            self.write(self.conn.read_reply_header(request) + data)
-        elif request.length:
-            self.write(self.conn.data_chunk_header(request, request.offset, len(data), True) + data)
+            self.write(self.conn.read_reply_header(request))
         else:
-            self.write(self.conn.done_chunk(request))
+            self.write(self.conn.data_chunk_header(request, request.offset, len(data), True))
+        self.write(data)
+
+    def _send_pieces(self, pieces: list[status.Piece]) -> None:
+        """The bytes of a read, straight from the host files (sendfile) and zeroes."""
+        for kind, fd, offset, count in pieces:
+            if kind == "file":
+                self.send_file_range(fd, offset, count)
+            else:
+                self.write(bytes(count))
 
     async def _sparse_read(self, export: NbdExport, request: Request) -> None:
         """Structured READ: areas that read as zeroes go out as holes (QEMU's
@@ -422,16 +455,33 @@ class NbdClient(asyncio.Protocol):
         node = export.node
         position, end = request.offset, request.offset + request.length
         while position < end:
-            kind, count = node.block_status(position, end - position)
+            try:
+                flags, count = status.allocation(node, position, end - position)
+            except OSError as exc:
+                code = _errno_of(exc)
+                self.write(self.conn.error_reply(request, nbd.nbd_errno(code),
+                                                 f"unable to check for holes: {os.strerror(code)}"))
+                return
             count = max(1, min(count, end - position))
             final = position + count == end
-            if kind == "zero":
+            if flags & nbd.STATE_ZERO:
                 self.write(self.conn.hole_chunk(request, position, count, final))
             else:
-                data = await self._pread(request, node, position, count)
-                if data is None:
-                    return
-                self.write(self.conn.data_chunk_header(request, position, count, final) + data)
+                pieces = status.file_pieces(node, position, count)
+                if pieces is not None:
+                    self.write(self.conn.data_chunk_header(request, position, count, final))
+                    self._send_pieces(pieces)
+                else:
+                    try:
+                        data = await run_node_io(node.co_pread(position, count))
+                    except OSError as exc:
+                        # QEMU ends the connection: a failed read inside a
+                        # structured reply that may have sent chunks already.
+                        log.debug("NBD client disconnected: reading from file failed: %s", exc)
+                        self.close()
+                        return
+                    self.write(self.conn.data_chunk_header(request, position, count, final))
+                    self.write(data)
             position += count
 
     async def _write_and_reply(self, export: NbdExport, request: Request,
@@ -470,9 +520,13 @@ class NbdClient(asyncio.Protocol):
             self.write(self.conn.ok_reply(request))
 
     async def _cache(self, export: NbdExport, request: Request) -> None:
-        if await self._node_io(request, export.node.co_pread(request.offset, request.length),
-                               "caching data failed"):
-            self.write(self.conn.ok_reply(request))
+        """A prefetch: QEMU's block layer only acts on it where a copy-on-read filter
+        would copy the data up; elsewhere it succeeds without reading."""
+        if _has_copy_on_read(export.node) and not await self._node_io(
+                request, export.node.co_pread(request.offset, request.length),
+                "caching data failed"):
+            return
+        self.write(self.conn.ok_reply(request))
 
     async def _block_status(self, export: NbdExport, request: Request) -> None:
         limit = nbd.extent_limit(request)
@@ -500,26 +554,39 @@ _HANDLERS = {
 }
 
 
+def _has_copy_on_read(node: "BlockNode") -> bool:
+    """A copy-on-read filter on the export's data path (a prefetch copies up there)."""
+    return any(n.driver == "copy-on-read" for n, _ in node.data_chain())
+
+
 # --- block status -------------------------------------------------------------------------
 
-# base:allocation flags per kind of node.block_status().
-_ALLOCATION_STATE = {"data": 0, "zero": nbd.STATE_HOLE | nbd.STATE_ZERO, "unknown": nbd.STATE_HOLE}
-
-
-def _walk_status(node: "BlockNode", offset: int, length: int) -> Iterator[tuple[str, int]]:
+def _walk(answer: Callable[["BlockNode", int, int], tuple[int, int]], node: "BlockNode",
+          offset: int, length: int) -> Iterator[tuple[int, int]]:
+    """``(state, bytes)`` runs of one block-status question over a range."""
     end = offset + length
     while offset < end:
-        kind, count = node.block_status(offset, end - offset)
+        state, count = answer(node, offset, end - offset)
         count = max(1, min(count, end - offset))
-        yield kind, count
+        yield state, count
         offset += count
 
 
-def allocation_depth(kind: str) -> int:
-    """qemu:allocation-depth of an extent: 0 where no layer allocates it (QEMU's
-    null-co without read-zeroes), 1 where the exported node itself does. Deeper
-    layers come with backing chains."""
-    return 0 if kind == "unknown" else 1
+def bitmap_runs(bitmap: Any, offset: int, length: int) -> Iterator[tuple[int, int]]:
+    """``(state, bytes)`` of a dirty bitmap over exactly ``[offset, offset+length)``:
+    the bitmap's granularity-aligned runs, cut at the request's ends."""
+    end = offset + length
+    position = offset
+    for start, count, dirty in bitmap.extents(offset, length):
+        start, stop = max(start, position), min(start + count, end)
+        if stop <= start:
+            continue
+        if start > position:        # a gap the bitmap did not describe is clean
+            yield 0, start - position
+        yield (nbd.STATE_DIRTY if dirty else 0), stop - start
+        position = stop
+    if position < end:
+        yield 0, end - position
 
 
 def context_extents(export: NbdExport, context: int, offset: int, length: int,
@@ -527,21 +594,14 @@ def context_extents(export: NbdExport, context: int, offset: int, length: int,
     """The extents of one meta context over a range, as QEMU collects them."""
     extents = nbd.ExtentList(limit)
     if context == nbd.META_ID_BASE_ALLOCATION:
-        for kind, count in _walk_status(export.node, offset, length):
-            if not extents.add(count, _ALLOCATION_STATE[kind]):
-                break
+        runs = _walk(status.allocation, export.node, offset, length)
     elif context == nbd.META_ID_ALLOCATION_DEPTH:
-        depth_of = getattr(export.node, "allocation_depth_status", None)
-        for kind, count in _walk_status(export.node, offset, length):
-            depth = allocation_depth(kind) if depth_of is None else depth_of(offset, count)
-            if not extents.add(count, depth):
-                break
-            offset += count
+        runs = _walk(status.depth, export.node, offset, length)
     else:
-        bitmap = export.bitmaps[context - nbd.META_ID_DIRTY_BITMAP]
-        for count, dirty in bitmap.extents(offset, length):
-            if not extents.add(count, nbd.STATE_DIRTY if dirty else 0):
-                break
+        runs = bitmap_runs(export.bitmaps[context - nbd.META_ID_DIRTY_BITMAP], offset, length)
+    for state, count in runs:
+        if not extents.add(count, state):
+            break
     return extents.extents
 
 

@@ -7,6 +7,15 @@ A scenario is a text file of steps, one per line (``#`` starts a comment):
     image: NAME SIZE PAT create file NAME in the daemon's working directory before it
                          starts; PAT is ``zero``, ``random:SEED`` or ``sparse:SEED``
                          (random data with holes); same bytes for both daemons
+    prepare: PROG ARGS   before the daemon starts, run qemu-img or qemu-io (PROG) with
+                         ARGS (shell words) in its working directory (qcow2 chains)
+    img: WHAT NAME       record qemu-img's view of image NAME, host layout left out:
+                         ``check`` (error counts), ``map`` (extents without host
+                         offsets, adjacent equal ones merged), ``info`` (backing
+                         names, format, sizes) or ``content`` (sha256 of the guest
+                         view through the backing chain)
+    generated-names: on  mask the two random digits of generated node names
+                         (``#block123`` becomes ``#block1??``; the counter stays)
     mask: KEY...         replace the numeric value of these keys by ``#`` from now on
     digest: NAME         record the sha256 of file NAME (target contents must match)
     conn: I              later steps use the client on monitor I
@@ -38,6 +47,7 @@ import json
 import random
 import re
 import shlex
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +58,7 @@ TIMESTAMP = re.compile(rb'"seconds": \d+, "microseconds": \d+|"seconds": \d+,(\r
 MICRO = re.compile(rb'"micro": \d+')
 SERIES = re.compile(rb'"(major|minor)": \d+')
 PACKAGE = re.compile(rb'"package": "[^"]*"')
+GENERATED_NAME = re.compile(rb"#block(\d+)\d\d")
 EVENT_START = re.compile(rb'^\{\s*"timestamp"')
 
 
@@ -58,6 +69,7 @@ class Scenario:
     monitors: int = 1
     pretty: set[int] = field(default_factory=set)
     images: list[tuple[str, int, str]] = field(default_factory=list)
+    prepare: list[list[str]] = field(default_factory=list)
     steps: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
@@ -80,6 +92,11 @@ class Scenario:
             elif verb == "image":
                 name, size, pattern = rest.split()
                 scenario.images.append((name, int(size), pattern))
+            elif verb == "prepare":
+                words = shlex.split(rest)
+                if not words or words[0] not in ("qemu-img", "qemu-io"):
+                    raise ValueError(f"{path}:{number}: prepare runs qemu-img or qemu-io")
+                scenario.prepare.append(words)
             else:
                 scenario.steps.append((verb, rest))
         return scenario
@@ -102,6 +119,7 @@ class Player:
         self.events: list[dict] = []  # every event received, for ``wait``
         self.wait_cursor = 0
         self.stderr = ""
+        self.mask_generated_names = False
 
     def play(self) -> list[str]:
         s = self.scenario
@@ -109,6 +127,8 @@ class Player:
                                version=self.version)
         for name, size, pattern in s.images:
             write_image(daemon.tmp / name, size, pattern)
+        for words in s.prepare:
+            subprocess.run(words, cwd=daemon.tmp, check=True, capture_output=True)
         self.workdir = daemon.tmp
         with daemon:
             # qemu-storage-daemon serves one client per socket: one client per monitor.
@@ -161,6 +181,12 @@ class Player:
         elif verb == "digest":
             digest = hashlib.sha256((self.workdir / arg).read_bytes()).hexdigest()
             self.transcript.append(f"[{index}] sha256({arg}) = {digest}")
+        elif verb == "generated-names":
+            self.mask_generated_names = arg.strip() == "on"
+        elif verb == "img":
+            what, name = arg.split()
+            self.transcript.append(f"[{index}] qemu-img {what} {name} = "
+                                   f"{image_view(self.workdir, what, name)}")
         elif verb == "mask":
             for key in arg.split():
                 self.masks.append(re.compile(rb'("' + re.escape(key.encode()) + rb'": )-?\d+'))
@@ -202,7 +228,54 @@ class Player:
         message = message.replace(str(self.workdir).encode(), b"DIR")
         for mask in self.masks:
             message = mask.sub(rb"\1#", message)
+        if self.mask_generated_names:
+            message = GENERATED_NAME.sub(rb"#block\1??", message)
         self.transcript.append(f"[{index}] <- {message.decode('latin-1')!r}")
+
+
+def image_view(workdir: Path, what: str, name: str) -> str:
+    """qemu-img's view of an image, without what depends on host offsets (those
+    may differ between daemons: QEMU's follow request timing)."""
+    def run(*words: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["qemu-img", *words], cwd=workdir, capture_output=True,
+                              text=True)
+
+    if what == "check":
+        done = run("check", "-U", "--output=json", name)
+        report = json.loads(done.stdout) if done.stdout.strip() else {}
+        keys = ("check-errors", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed")
+        return json.dumps({"exit": done.returncode,
+                           **{k: report[k] for k in keys if k in report}})
+    if what == "map":
+        done = run("map", "-U", "--output=json", name)
+        merged: list[dict] = []
+        for extent in json.loads(done.stdout or "[]"):
+            extent.pop("offset", None)
+            if merged and all(merged[-1].get(k) == extent.get(k) for k in extent
+                              if k not in ("start", "length")) \
+                    and merged[-1]["start"] + merged[-1]["length"] == extent["start"]:
+                merged[-1]["length"] += extent["length"]
+            else:
+                merged.append(extent)
+        return json.dumps(merged) if done.returncode == 0 else done.stderr.strip()
+    if what == "info":
+        done = run("info", "-U", "--output=json", name)
+        if done.returncode:
+            return done.stderr.strip().replace(str(workdir), "DIR")
+        report = json.loads(done.stdout)
+        keys = ("virtual-size", "format", "cluster-size", "backing-filename",
+                "full-backing-filename", "backing-filename-format", "dirty-flag")
+        view = {k: report[k] for k in keys if k in report}
+        return json.dumps(view).replace(str(workdir), "DIR")
+    if what == "content":
+        out = workdir / f".{name}.content"
+        done = run("convert", "-U", "-O", "raw", name, str(out))
+        if done.returncode:
+            return done.stderr.strip().replace(str(workdir), "DIR")
+        digest = hashlib.sha256(out.read_bytes()).hexdigest()
+        out.unlink()
+        return digest
+    raise ValueError(f"unknown img view '{what}'")
 
 
 def write_image(path: Path, size: int, pattern: str) -> None:

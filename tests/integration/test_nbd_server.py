@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
-
 from tests.support import nbd_wire as w
 from tests.support.nbd_setup import nbd_daemon, uri
 

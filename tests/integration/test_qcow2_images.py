@@ -114,7 +114,7 @@ CREATE_MATRIX = [
     {"preallocation": "full"},
     {"size": 1000448, "preallocation": "metadata"},
     {"size": 256 * MiB, "cluster-size": 512},
-    {"size": 64 * MiB, "cluster-size": 512, "preallocation": "metadata", "refcount-bits": 4},
+    {"size": 16 * MiB, "cluster-size": 512, "preallocation": "metadata", "refcount-bits": 4},
 ]
 
 CREATE_ERRORS = [
@@ -330,3 +330,56 @@ def test_damaged_header_errors_as_qsd(tmp_path: Path, offset: int, value: bytes)
             assert session.command("query-named-block-nodes") == {"return": []}
     assert b'"error"' in replies["qsd"]
     assert replies["qmpjobd"] == replies["qsd"]
+
+
+# (field offset from the start of the first snapshot entry, or header offset; bytes)
+SNAPSHOT_DAMAGE = [
+    ("entry", 36, b"\x00\x00\x04\x01"),                 # extra_data_size 1025
+    ("entry", 36, b"\x00\x00\x04\x00"),                 # 1024: allowed, kept
+    ("entry", 12, b"\xff\xff"),                         # id_str_size past the table
+    ("entry", 0, b"\x00\x00\x00\x00\x00\x01\x02\x00"),  # snapshot L1 misaligned
+    ("header", 60, b"\x00\x01\x00\x01"),                # nb_snapshots 65537
+    ("header", 60, b"\x00\x00\x40\x00"),                # 16384 entries of garbage
+    ("header", 64, b"\x00\x00\x00\x00\x00\x05\x00\x08"),  # table offset misaligned
+    ("header", 64, b"\x00\x00\x00\x10\x00\x00\x00\x00"),  # table far past the end
+]
+
+
+@pytest.mark.parametrize("where, offset, value", SNAPSHOT_DAMAGE,
+                         ids=lambda v: v.hex() if isinstance(v, bytes) else str(v))
+def test_damaged_snapshot_table_as_qsd(tmp_path: Path, where: str, offset: int,
+                                       value: bytes) -> None:
+    """Garbage in the snapshot table: the same blockdev-add reply, the same
+    snapshot list in the query, and the same reply to deleting snapshot 1."""
+    replies = {}
+    for kind, directory in both(tmp_path):
+        qemu_img("create", "-f", "qcow2", "d.qcow2", "1M", cwd=directory)
+        qemu_io(directory / "d.qcow2", "write -P 0x11 0 64k")
+        qemu_img("snapshot", "-c", "one", "d.qcow2", cwd=directory)
+        with open(directory / "d.qcow2", "r+b") as image:
+            image.seek(64)
+            table = int.from_bytes(image.read(8), "big")
+            image.seek((table if where == "entry" else 0) + offset)
+            image.write(value)
+        with start(kind, directory) as daemon:
+            session = Session(daemon)
+            add = session.command_raw("blockdev-add", {
+                "driver": "qcow2", "node-name": "d", "read-only": True,
+                "file": {"driver": "file", "filename": "d.qcow2", "node-name": "df"}})
+            query = session.command_raw("query-named-block-nodes", {"flat": True})
+            session.command("blockdev-del", {"node-name": "d"})
+            session.command("blockdev-del", {"node-name": "df"})
+            session.command("blockdev-add", {
+                "driver": "qcow2", "node-name": "w",
+                "file": {"driver": "file", "filename": "d.qcow2", "node-name": "wf"}})
+            delete = session.command_raw("blockdev-snapshot-delete-internal-sync",
+                                         {"device": "w", "id": "1"})
+            session.command("blockdev-del", {"node-name": "w"})
+        replies[kind] = (add, mask_snapshot_times(normalise_actual_size(query)), delete)
+    assert replies["qmpjobd"] == replies["qsd"]
+
+
+def mask_snapshot_times(raw: bytes) -> bytes:
+    """qemu-img snapshot ran at a different moment for each daemon's image."""
+    import re
+    return re.sub(rb'"(date-sec|date-nsec)": \d+', rb'"\1": #', raw)

@@ -37,7 +37,7 @@ class Qmp:
         self.events: list[dict] = []
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name: str, **arguments: object) -> dict:
+    def cmd(self, name: str, /, **arguments: object) -> dict:
         message: dict = {"execute": name}
         if arguments:
             message["arguments"] = arguments
@@ -50,7 +50,7 @@ class Qmp:
                 continue
             return reply
 
-    def ok(self, name: str, **arguments: object) -> object:
+    def ok(self, name: str, /, **arguments: object) -> object:
         reply = self.cmd(name, **arguments)
         assert "return" in reply, reply
         return reply["return"]

@@ -66,6 +66,9 @@ class BlkdebugNode(BlockNode):
     driver = "blkdebug"
     is_filter = True
     child_roles = ("image",)
+    # Zero-length reads and writes reach the rules, as in QEMU (an NBD client
+    # can send them).
+    forwards_empty_requests = True
     strong_options = ("config", "inject-error.", "set-state.", "align", "max-transfer",
                       "opt-write-zero", "max-write-zero", "opt-discard", "max-discard")
 

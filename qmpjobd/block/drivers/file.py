@@ -1,8 +1,10 @@
 """``file``: a host file (or block device) as a protocol node.
 
-Options (QAPI BlockdevOptionsFile): ``filename`` (required), ``read-only``; ``aio``,
-``aio-max-batch``, ``locking``, ``drop-cache``, ``x-check-cache-dropped`` are accepted
-and do not change behaviour here; ``pr-manager`` is refused.
+Options (QAPI BlockdevOptionsFile): ``filename`` (required), ``read-only``; ``locking``
+(on/off/auto: QEMU's OFD lock bytes, :mod:`qmpjobd.block.locking`, taken for the
+permissions the node's users hold); ``aio``, ``aio-max-batch``, ``drop-cache``,
+``x-check-cache-dropped`` are accepted and do not change behaviour here;
+``pr-manager`` is refused.
 
 All I/O runs in the event loop's default thread pool (``run_in_executor``), so the
 loop never blocks on the disk; each request yields the pool's future to the job
@@ -25,6 +27,7 @@ import errno
 import os
 import stat
 
+from qmpjobd.block.locking import ImageLocks, locking_enabled
 from qmpjobd.block.node import BlockNode, io_error
 from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
@@ -46,11 +49,46 @@ class FileNode(BlockNode):
         self.fd, host_length = open_regular_file(self.graph.path_policy, self.path,
                                                  self.read_only)
         self.size = -(-host_length // SECTOR) * SECTOR
+        # No permission yet, so no lock byte: users bring them (permissions.refresh).
+        self.locks = ImageLocks(self.fd, locking_enabled(self.options.get("locking")),
+                                self.path)
+        self._pending_perms = (0, 0xF)
 
     def close(self) -> None:
         if self.fd is not None:
+            # Closing the descriptor releases its OFD locks.
             os.close(self.fd)
             self.fd = None
+
+    # --- permissions (qmpjobd.block.permissions.refresh calls these) -------------------
+
+    def prepare_permissions(self, perm: int, shared: int) -> None:
+        if self.fd is None:
+            return
+        self._pending_perms = (perm, shared)
+        self.locks.prepare(perm, shared)
+
+    def commit_permissions(self) -> None:
+        if self.fd is not None:
+            self.locks.commit(*self._pending_perms)
+
+    def abort_permissions(self) -> None:
+        if self.fd is not None:
+            self.locks.abort()
+
+    def reopen_fd(self, read_only: bool) -> None:
+        """Reopen the image read-only or read-write (blockdev-reopen): the new
+        descriptor takes over the committed locks before the old one closes."""
+        fd, _ = open_regular_file(self.graph.path_policy, self.path, read_only)
+        try:
+            self.locks.move_to(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self.fd = self.fd, fd
+        self.read_only = read_only
+        if old is not None:
+            os.close(old)
 
     def _require_fd(self) -> int:
         if self.fd is None:
@@ -76,6 +114,15 @@ class FileNode(BlockNode):
         if not self.read_only:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, os.fdatasync, fd)
+
+    def _truncate(self, size: int, zero_new: bool) -> None:
+        """block_resize: the host file gets exactly ``size`` bytes (QEMU's
+        raw_regular_truncate with preallocation off; it may shrink)."""
+        try:
+            os.ftruncate(self._require_fd(), size)
+        except OSError as exc:
+            raise QMPError(f"Could not resize file: {os.strerror(exc.errno or errno.EIO)}") from None
+        self.size = -(-size // SECTOR) * SECTOR
 
     def block_status(self, offset: int, length: int) -> tuple[str, int]:
         """Data or hole, from the host file's SEEK_DATA/SEEK_HOLE map."""

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from typing import Any, Coroutine
 
 from qmpjobd.block.activation import check_child_attach
+from qmpjobd.block.formats.qcow2 import bitmaps as qcow2_bitmaps
 from qmpjobd.block.formats.qcow2 import constants as C
 from qmpjobd.block.formats.qcow2.image import (
     COMPRESSED,
+    CorruptionError,
     NORMAL,
     UNALLOCATED,
     Options,
@@ -31,9 +34,18 @@ from qmpjobd.block.formats.qcow2.image import (
 )
 from qmpjobd.block.formats.qcow2.storage import NodeStorage
 from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.block.permissions import check_new_parent
 from qmpjobd.errors import QMPError
 
 _ABSENT = object()
+_L2_ENTRY = struct.Struct(">Q")
+
+
+def _kind_name(kind: int) -> str:
+    """Block status's name for a cluster kind of the image."""
+    if kind in (NORMAL, COMPRESSED):
+        return "data"
+    return "unallocated" if kind == UNALLOCATED else "zero"
 
 
 def run_now(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -77,6 +89,32 @@ class SyncStorage(NodeStorage):
         if self.host is not None and not self.node.read_only:
             os.fdatasync(self.host[0])
 
+    async def discard(self, offset: int, length: int) -> None:
+        from qmpjobd.block.formats.qcow2.storage import passes_discard
+        if self.host is None:
+            await super().discard(offset, length)
+            return
+        # The file driver's discard writes zeroes; here directly, as open does I/O.
+        end = min(offset + length, os.fstat(self.host[0]).st_size)
+        if end > offset and passes_discard(self.node):
+            await self.pwrite(offset, bytes(end - offset))
+
+
+def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False) -> None:
+    """Write ``image``'s cached metadata (dirty L2 tables, refcount blocks) to
+    ``node``'s file, synchronously: used where the node is drained or closing
+    (close, going read-only, inactivation), so nothing else is in flight."""
+    if image.read_only:
+        return
+    storage = SyncStorage(node.children["file"])
+    for step in image.pending_writes():
+        if step is None:
+            run_now(storage.flush())
+        else:
+            run_now(storage.pwrite(*step))
+    if flush:
+        run_now(storage.flush())
+
 
 class Qcow2Node(BlockNode):
     driver = "qcow2"
@@ -95,7 +133,11 @@ class Qcow2Node(BlockNode):
     def open(self) -> None:
         file = self.children["file"]
         check_child_attach(self.node_name, "file", file)
-        self._check_file_permissions(file)
+        if file.read_only:
+            self.read_only = True
+        # The file edge's permissions (and image locks) come before the header is
+        # read, as QEMU attaches the child before qcow2_open looks at it.
+        check_new_parent(self)
         self._refuse_options()
         if file.read_only:
             self.read_only = True
@@ -107,29 +149,12 @@ class Qcow2Node(BlockNode):
             raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                            "compatibility level")
         image.storage = NodeStorage(file)
+        image.corruption_listener = self._corruption_event
         self.image = image
         self.size = image.size
+        qcow2_bitmaps.on_open(self)
         self._open_backing()
         image.backing = self._read_backing if self.backing_node() is not None else None
-
-    def _check_file_permissions(self, file: BlockNode) -> None:
-        """A format node takes write and resize on its file when writable and
-        lets nobody else have them: a second format node on the same file
-        conflicts unless both are read-only (QEMU's permission error)."""
-        writable = not (self.read_only or file.read_only)
-        for other in file.parent_nodes:
-            if other is self or not other.is_format:
-                continue
-            if not other.read_only:
-                holder, refuser = other.node_name, self.node_name
-            elif writable:
-                holder, refuser = self.node_name, other.node_name
-            else:
-                continue
-            raise QMPError(f"Permission conflict on node '{file.node_name}': permissions "
-                           f"'write, resize' are both required by node '{holder}' (uses "
-                           f"node '{file.node_name}' as 'file' child) and unshared by node "
-                           f"'{refuser}' (uses node '{file.node_name}' as 'file' child).")
 
     def _refuse_options(self) -> None:
         if "encrypt" in self.options:
@@ -220,18 +245,29 @@ class Qcow2Node(BlockNode):
         if backing is not None:
             backing.remove_blockers(self)
         image = self.image
+        if not self.active:
+            # An inactive node's image belongs to someone else: QEMU's close
+            # writes nothing (the inactivation already stored everything).
+            return
+        if image is not None:
+            qcow2_bitmaps.on_close(self)
         if image is None or image.read_only:
             return
         self.image = None
-        storage = SyncStorage(self.children["file"])
         try:
-            for step in image.pending_writes():
-                if step is None:
-                    run_now(storage.flush())
-                else:
-                    run_now(storage.pwrite(*step))
+            write_back(self, image)
         except OSError:
             pass     # QEMU reports a failed close flush on stderr and goes on
+
+    def inactivate_image(self) -> None:
+        """blockdev-set-active false (formats/qcow2/activation.py)."""
+        from qmpjobd.block.formats.qcow2.activation import inactivate_image
+        inactivate_image(self)
+
+    def activate_image(self) -> None:
+        """blockdev-set-active true: read the image again (formats/qcow2/activation.py)."""
+        from qmpjobd.block.formats.qcow2.activation import activate_image
+        activate_image(self)
 
     # --- I/O ----------------------------------------------------------------------------
 
@@ -261,6 +297,9 @@ class Qcow2Node(BlockNode):
         self._check_write_request(offset, length)
         if not length:
             return
+        if self.before_write_notifiers:
+            # A copy-before-write user saves the old data first, as for any write.
+            await self.notify_before_write(offset, length)
         self.write_generation += 1
         self.write_request_started(offset, length)
         try:
@@ -277,16 +316,29 @@ class Qcow2Node(BlockNode):
         await self._require_image().flush()
         await self.children["file"].co_flush()
 
+    def _truncate(self, size: int, zero_new: bool) -> None:
+        # block_resize: the format's side is qmpjobd.block.formats.qcow2.resize.
+        from qmpjobd.block.formats.qcow2.resize import resize_node
+
+        resize_node(self, size, zero_new)
+
     def block_status(self, offset: int, length: int) -> tuple[str, int]:
         """Data, zero or (unallocated) the backing chain's answer, for the run of
         clusters like the one at ``offset``."""
         image = self._require_image()
+        if image.unusable:
+            raise io_error(errno.ENOMEDIUM)
         cs = image.cluster_size
-        kind = self._kind_at(image, offset)
+        try:
+            kind = self._kind_at(image, offset)
+        except CorruptionError as exc:
+            # Block status meets damaged tables like a read does.
+            self.run_metadata_operation(
+                lambda img: img.signal_corruption(exc.fatal, exc.corrupt_offset,
+                                                  exc.corrupt_size, exc.message))
+            raise io_error(errno.EIO) from None
         end = min(offset + length, image.size)
-        pos = (offset // cs + 1) * cs
-        while pos < end and self._kind_at(image, pos) == kind:
-            pos += cs
+        pos = self._same_kind_end(image, (offset // cs + 1) * cs, end, kind)
         count = max(1, min(pos, end) - offset)
         if kind == "unallocated":
             backing = self.backing_node()
@@ -294,6 +346,48 @@ class Qcow2Node(BlockNode):
                 return ("zero", count)
             return backing.block_status(offset, min(count, backing.size - offset))
         return (kind, count)
+
+    def _same_kind_end(self, image: Qcow2Image, pos: int, end: int, kind: str) -> int:
+        """Where the run of ``kind`` clusters going on at cluster-aligned ``pos``
+        ends (``end`` at most, give or take the last cluster): a cached L2 table is
+        scanned in one pass instead of one cache lookup per cluster (block status
+        is asked for every chunk a job copies)."""
+        cs = image.cluster_size
+        table_span = cs * image.l2_entries
+        while pos < end:
+            table_end = min(end, (pos // table_span + 1) * table_span)
+            try:
+                l2_offset = image.l2_table_offset(pos)
+            except CorruptionError:
+                return pos
+            table = image.l2_cache.lookup(l2_offset) if l2_offset else None
+            if table is None:
+                if l2_offset:
+                    # Not cached: cluster by cluster (the first one reads it).
+                    while pos < table_end and self._kind_at_or_none(image, pos) == kind:
+                        pos += cs
+                    if pos < table_end:
+                        return pos
+                elif kind != "unallocated":
+                    return pos            # no L2 table: all unallocated
+                pos = table_end
+                continue
+            first = (pos // cs) % image.l2_entries
+            count = -(-(table_end - pos) // cs)
+            entries = _L2_ENTRY.iter_unpack(memoryview(table)[first * 8:(first + count) * 8])
+            for i, (entry,) in enumerate(entries):
+                if _kind_name(image.cluster_kind(entry)) != kind:
+                    return pos + i * cs
+            pos += count * cs
+        return pos
+
+    def _kind_at_or_none(self, image: Qcow2Image, offset: int) -> str | None:
+        """The kind further on, None where the tables are damaged (the run ends
+        there; a request that starts there meets the damage itself)."""
+        try:
+            return self._kind_at(image, offset)
+        except CorruptionError:
+            return None
 
     def _kind_at(self, image: Qcow2Image, offset: int) -> str:
         entry = image.cached_entry(offset)
@@ -374,6 +468,10 @@ class Qcow2Node(BlockNode):
         image = self.image
         if image is None:
             return {}
+        if image.unusable:
+            # QEMU dropped the driver after a fatal corruption: bdrv_query_image_info
+            # then fails, and with it the whole query.
+            raise QMPError(f"Block device {self.node_name} is ejected")
         header = image.header
         details: dict = {"cluster-size": header.cluster_size}
         if header.backing_file is not None:
@@ -381,7 +479,57 @@ class Qcow2Node(BlockNode):
             details["full-backing-filename"] = self._resolve(header.backing_file)
             if header.backing_format is not None:
                 details["backing-filename-format"] = header.backing_format
+        if image.snapshots:
+            details["snapshots"] = image.snapshot_list()
         return details
+
+    # --- internal snapshots and damaged metadata (formats/qcow2/snapshot.py) -----------
+
+    def is_inserted(self) -> bool:
+        """QEMU's bdrv_is_inserted: false once a fatal corruption dropped the
+        driver (jobs then refuse the node: "Device is not inserted: ...")."""
+        return self.image is None or not self.image.unusable
+
+    def run_metadata_operation(self, operation: Any) -> Any:
+        """Run ``operation(image)`` (a coroutine function) to completion now, with
+        the image's I/O done directly on the host file: QEMU runs snapshot
+        commands inside the monitor command, on a drained node."""
+        image = self._require_image()
+        async_storage = image.storage
+        image.storage = SyncStorage(self.children["file"])
+        try:
+            return run_now(self._guarded(image, operation))
+        finally:
+            image.storage = async_storage
+
+    @staticmethod
+    async def _guarded(image: Qcow2Image, operation: Any) -> Any:
+        from qmpjobd.block.formats.qcow2.image import CorruptionError, eio
+        try:
+            return await operation(image)
+        except CorruptionError as exc:
+            await image.signal_corruption(exc.fatal, exc.corrupt_offset, exc.corrupt_size,
+                                          exc.message)
+            raise eio() from None
+
+    def _corruption_event(self, fatal: bool, offset: int, size: int, message: str) -> None:
+        """What QEMU's qcow2_signal_corruption prints and sends."""
+        import sys
+        if fatal:
+            line = (f"qcow2: Marking image as corrupt: {message}; further corruption "
+                    "events will be suppressed")
+        else:
+            line = (f"qcow2: Image is corrupt: {message}; further non-fatal corruption "
+                    "events will be suppressed")
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        data: dict = {"device": "", "node-name": self.node_name, "msg": message}
+        if offset >= 0:
+            data["offset"] = offset
+        if size >= 0:
+            data["size"] = size
+        data["fatal"] = fatal
+        self.graph.jobs.emit("BLOCK_IMAGE_CORRUPTED", data)
 
     def format_specific_info(self, who: Any) -> dict | None:
         image = self.image
@@ -394,6 +542,9 @@ class Qcow2Node(BlockNode):
             data["lazy-refcounts"] = header.lazy_refcounts
             data["corrupt"] = header.corrupt
         data["refcount-bits"] = header.refcount_bits
+        bitmaps = qcow2_bitmaps.stored_bitmap_infos(self) if header.version >= 3 else None
+        if bitmaps is not None:
+            data["bitmaps"] = bitmaps
         data["compression-type"] = ("zlib" if header.compression_type == C.COMPRESSION_ZLIB
                                     else "zstd")
         return {"type": "qcow2", "data": data}

@@ -12,6 +12,7 @@ import errno
 
 from qmpjobd.block.activation import check_child_attach
 from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.block.permissions import check_new_parent
 from qmpjobd.errors import QMPError
 
 SECTOR = 512
@@ -31,6 +32,7 @@ class RawNode(BlockNode):
     def open(self) -> None:
         child = self.children["file"]
         check_child_attach(self.node_name, "file", child)
+        check_new_parent(self)
         child_size = child.size
         self.offset: int = self.options.get("offset", 0)
         self.has_size = "size" in self.options
@@ -50,6 +52,18 @@ class RawNode(BlockNode):
         self.window = size
         # QEMU keeps lengths in whole sectors.
         self.size = -(-size // SECTOR) * SECTOR
+
+    def _truncate(self, size: int, zero_new: bool) -> None:
+        """block_resize: a window of fixed size cannot change; otherwise the child
+        is resized to end ``size`` bytes after the window's offset."""
+        if self.has_size:
+            raise QMPError("Cannot resize fixed-size raw disks")
+        if (1 << 63) - 1 - size < self.offset:
+            raise QMPError("Disk size too large for the chosen offset")
+        child = self.children["file"]
+        child.truncate(size + self.offset)
+        self.window = max(0, child.size - self.offset)
+        self.size = -(-self.window // SECTOR) * SECTOR
 
     def child_offset(self) -> int:
         return self.offset

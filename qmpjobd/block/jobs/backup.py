@@ -15,16 +15,37 @@ stop pauses the job until resumed and then retries.
 
 Progress is counted in whole clusters, as QEMU does: a 1000000-byte node reports
 ``len`` 1048576.
+
+The job shares its copy bitmap with a copy-before-write filter it puts above the
+source (``qmpjobd.block.drivers.copy_before_write``, shown in queries as QEMU
+shows its backup-top node, named by ``filter-node-name``): a write to the source
+by anybody else first saves the clusters the job has not copied yet, which counts
+as job progress. That is all ``sync: none`` does; ``top`` skips what the source's
+backing chain provides; ``bitmap`` (and ``incremental``) copies the clusters of a
+dirty bitmap, which gets a successor at creation and, at the end, the successor's
+bits (success, or ``always``) or the merge of both (failure, cancel, ``never``);
+a failed ``always`` job adds the clusters it had not copied. Each copy task is
+cut at a block-status boundary: areas the source reads as zeroes become zero
+writes on the target.
 """
 
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from qmpjobd.block.bitmap import ClusterBitmap
-from qmpjobd.block.offload import copy_range, failed_on_read
+from qmpjobd.block.drivers.copy_before_write import (
+    BlockCopyState,
+    CopyBeforeWriteNode,
+    block_copy_cluster_size,
+    check_min_cluster_size,
+    DirtyClusters,
+    bitmap_use_problem,
+    relinked_first,
+    target_cluster_size,
+)
+from qmpjobd.block.offload import failed_on_read
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.errors import QMPError
 from qmpjobd.job.coroutine import CoroutineRunner
@@ -36,7 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 KiB = 1024
 MiB = 1024 * KiB
-CLUSTER_SIZE_DEFAULT = 64 * KiB
 # Largest chunk one read+write copies (QEMU's BLOCK_COPY_MAX_BUFFER).
 CHUNK_MAX = 1 * MiB
 MAX_WORKERS_DEFAULT = 64
@@ -53,14 +73,7 @@ class BackupPerf:
     use_copy_range: bool = False
     max_workers: int = MAX_WORKERS_DEFAULT
     max_chunk: int = 0            # 0: no limit beyond the copy method's own
-
-
-def target_cluster_size(target: "BlockNode") -> int:
-    """QEMU: max(64 KiB, the target's cluster size when its driver reports one)."""
-    reported = getattr(target, "cluster_size", None)
-    if isinstance(reported, int) and reported > 0:
-        return max(CLUSTER_SIZE_DEFAULT, reported)
-    return CLUSTER_SIZE_DEFAULT
+    min_cluster_size: int = 0     # 10.0+: lower bound of the copy granularity
 
 
 def target_knows_block_size(target: "BlockNode") -> bool:
@@ -70,43 +83,17 @@ def target_knows_block_size(target: "BlockNode") -> bool:
 
 
 def is_allocated(node: "BlockNode", offset: int, length: int) -> tuple[bool, int]:
-    """Whether the top layer holds the extent at ``offset``, and for how many bytes."""
-    kind, count = node.block_status(offset, length)
-    return kind in ("data", "zero"), max(count, 1)
+    """Whether the top layer holds the extent at ``offset``, and for how many bytes
+    (QEMU's bdrv_is_allocated: a qcow2 cluster its backing file provides is not)."""
+    # The chain walk of qemu:allocation-depth answers exactly this: depth 1 is
+    # "allocated in the node itself".
+    from qmpjobd.nbd.status import depth
+
+    level, count = depth(node, offset, length)
+    return level == 1, max(count, 1)
 
 
-class DirtyClusters(ClusterBitmap):
-    """Which clusters still have to be copied (one bit each, all dirty at first);
-    offsets and counts are in bytes of whole clusters."""
-
-    __slots__ = ("cluster_size",)
-
-    def __init__(self, length: int, cluster_size: int) -> None:
-        super().__init__(-(-length // cluster_size), fill=True)
-        self.cluster_size = cluster_size
-
-    @property
-    def dirty_clusters(self) -> int:
-        return self.count
-
-    @property
-    def dirty_bytes(self) -> int:
-        return self.count * self.cluster_size
-
-    def next_dirty_area(self, offset: int, max_bytes: int) -> tuple[int, int] | None:
-        """First dirty run at or after ``offset``, at most ``max_bytes`` long."""
-        first = self.next_set(offset // self.cluster_size)
-        if first < 0:
-            return None
-        limit = min(self.size, first + max(max_bytes // self.cluster_size, 1))
-        clean = self.next_clear(first, limit)
-        end = limit if clean < 0 else clean
-        return first * self.cluster_size, (end - first) * self.cluster_size
-
-    def set(self, offset: int, length: int, dirty: bool) -> None:
-        first = offset // self.cluster_size
-        last = -(-(offset + length) // self.cluster_size)
-        self.set_range(first, last, dirty)
+__all__ = ["BackupJob", "BackupPerf", "DirtyClusters", "target_cluster_size"]
 
 
 @dataclass
@@ -126,13 +113,13 @@ class _WorkerPool:
         self.active: set[CoroutineRunner] = set()
         self.failure: _CopyFailure | None = None
 
-    async def start(self, offset: int, length: int) -> bool:
+    async def start(self, claim: Any, offset: int, length: int, zero: bool) -> bool:
         """Start one chunk copy; True when the pool was full and the job waited."""
         waited = False
         while len(self.active) >= self.max_workers:
             await self.job.park_until_woken(self)
             waited = True
-        runner = CoroutineRunner(self.job._copy_chunk(self, offset, length),
+        runner = CoroutineRunner(self.job._copy_chunk(self, claim, offset, length, zero),
                                  on_done=self._finished, name=f"backup chunk {offset}")
         self.active.add(runner)
         runner.enter()
@@ -155,7 +142,8 @@ class BackupJob(BlockJob):
     """``blockdev-backup`` / ``drive-backup`` job (type ``backup``)."""
 
     __slots__ = ("source", "target", "sync", "on_source_error", "on_target_error", "perf",
-                 "cluster_size", "length", "dirty", "_in_flight_bytes", "discard_source")
+                 "cluster_size", "length", "dirty", "_in_flight_bytes", "discard_source",
+                 "bcs", "sync_bitmap", "bitmap_mode", "_notifier", "filter")
 
     job_type = "backup"
 
@@ -166,18 +154,39 @@ class BackupJob(BlockJob):
                  auto_dismiss: bool = True, txn: JobTxn | None = None,
                  perf: BackupPerf | None = None, compress: bool = False,
                  discard_source: bool = False,
-                 warn_block_size: "Callable[[int], None] | None" = None) -> None:
-        """QEMU's backup_job_create, from its first check to the attached job."""
+                 warn_block_size: "Callable[[int], None] | None" = None,
+                 bitmap: Any = None, bitmap_mode: str = "on-success",
+                 filter_node_name: str | None = None) -> None:
+        """QEMU's backup_job_create, from its first check to the attached job.
+
+        ``bitmap`` (a DirtyBitmap of the source) gets a successor here that records
+        the writes made while the job runs; what happens to the two at the end is
+        ``bitmap_mode``'s business (see ``_cleanup_sync_bitmap``). A failure after
+        the successor exists merges it back, so the bitmap is as it was.
+        """
         perf = perf or BackupPerf()
         check_backup_nodes(source, target, compress, perf)
-        check_filter_attach(source, target)
-        cluster_size = target_cluster_size(target)
-        if warn_block_size is not None and not target_knows_block_size(target):
-            # QEMU's warn_report when bdrv_get_info() of the target fails.
-            warn_block_size(cluster_size)
-        if perf.max_chunk and perf.max_chunk < cluster_size:
-            raise QMPError(f"Required max-chunk ({perf.max_chunk}) is less than backup "
-                           f"cluster size ({cluster_size})")
+        self.sync_bitmap = None
+        self.bitmap_mode = bitmap_mode
+        if bitmap is not None:
+            freeze_sync_bitmap(bitmap, bitmap_mode)
+            self.sync_bitmap = bitmap
+        try:
+            check_same_size(source, target)
+            filter_name, filter_auto = claim_filter_name(source, filter_node_name)
+            check_filter_attach(filter_name, source, target)
+            check_min_cluster_size(perf.min_cluster_size, prefix="Could not create node: ")
+            cluster_size = block_copy_cluster_size(target, perf.min_cluster_size)
+            if warn_block_size is not None and not target_knows_block_size(target):
+                # QEMU's warn_report when bdrv_get_info() of the target fails.
+                warn_block_size(cluster_size)
+            if perf.max_chunk and perf.max_chunk < cluster_size:
+                raise QMPError(f"Required max-chunk ({perf.max_chunk}) is less than backup "
+                               f"cluster size ({cluster_size})")
+        except BaseException:
+            if bitmap is not None:
+                bitmap.reclaim()
+            raise
         # Set before the base class applies the speed (on_speed_changed reads them).
         self.source = source
         self.target = target
@@ -187,19 +196,32 @@ class BackupJob(BlockJob):
         self.perf = perf
         self.cluster_size = cluster_size
         self.length = source.size
-        self.dirty = DirtyClusters(self.length, cluster_size)
+        # The copy state QEMU's copy-before-write filter and the job share: the
+        # background copy and the copies made for writes to the source take
+        # clusters out of the same bitmap.
+        self.bcs = BlockCopyState(source, target, cluster_size=cluster_size)
+        if bitmap is not None and sync == "bitmap":
+            self.bcs.limit_to([(offset, length) for offset, length, dirty
+                               in bitmap.extents(0, bitmap.size) if dirty])
+        self.dirty = self.bcs.copy_bitmap
+        self.bcs.on_copied = self._copied_for_write
         self._in_flight_bytes = 0
+        self._notifier = self.bcs.copy_before_write
         # discard-source: give each copied range back to the source (it reaches
         # the image only on a node opened with discard=unmap, as in QEMU).
         self.discard_source = discard_source
-        # The job sits on the copy-before-write filter above the source in QEMU, so
-        # draining the source pauses it but the source itself is not blocked.
         graph = source.graph
-        # QEMU puts its copy-before-write filter above the source first; qmpjobd has
-        # no such node, but makes the filter's graph changes here and at the end.
+        # QEMU puts its copy-before-write filter above the source first (its
+        # graph changes, then the node): the source's parents and exports move
+        # up to it, and the job's main node is the filter (so draining the
+        # source pauses the job, and the source itself is not blocked). The
+        # job's own writes bypass the filter; writes by others through the
+        # filter, or to the source from below it, save their old data first.
         graph.graph_operation("cbw-insert")
+        self.filter = CopyBeforeWriteNode.for_backup(graph, filter_name, filter_auto,
+                                                     source, target, self.bcs)
         try:
-            super().__init__(manager, job_id, source, block_main=False, speed=speed,
+            super().__init__(manager, job_id, self.filter, speed=speed,
                              auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
                              txn=txn)
             if discard_source and source.read_only:
@@ -208,8 +230,12 @@ class BackupJob(BlockJob):
                 self.early_fail()
                 raise QMPError("Block node is read-only")
         except BaseException:
-            graph.graph_operation("cbw-drop")
+            self._drop_filter()
+            if bitmap is not None:
+                bitmap.reclaim()
             raise
+        # From here on every write to the source saves its old data first.
+        source.before_write_notifiers.append(self._notifier)
         with graph.graph_change("job-add-node"):
             self.attach_node(target, block=True)
 
@@ -219,15 +245,62 @@ class BackupJob(BlockJob):
         # A new limit applies at once: recompute the current rate-limit wait.
         self.wake(_RATE_WAIT)
 
+    def drained_poll(self) -> bool:
+        """A chunk copy in flight is a request on the source and the target in
+        QEMU: a drain waits for it (and the job then passes its pause point)."""
+        return super().drained_poll() or (not self.is_completed and self._in_flight_bytes > 0)
+
+    def commit(self) -> None:
+        self._cleanup_sync_bitmap(0)
+
+    def abort(self) -> None:
+        self._cleanup_sync_bitmap(self.ret or -errno.ECANCELED)
+
+    def _cleanup_sync_bitmap(self, ret: int) -> None:
+        """QEMU's backup_cleanup_sync_bitmap: the successor replaces the bitmap
+        (success, or ``always``), or is merged back into it (failure, ``never``);
+        a failed ``always`` job adds what it had not copied yet."""
+        bitmap = self.sync_bitmap
+        if bitmap is None:
+            return
+        self.sync_bitmap = None
+        mode = self.bitmap_mode
+        if (ret == 0 or mode == "always") and mode != "never":
+            bitmap.abdicate()
+        else:
+            bitmap.reclaim()
+        if ret < 0 and mode == "always":
+            for offset, length in self.bcs.copy_bitmap.runs(0, self.length):
+                bitmap.set_dirty(offset, min(length, bitmap.size - offset))
+
     def clean(self) -> None:
         # backup_clean: the job's edges go, then the copy-before-write filter.
+        if self._notifier in self.source.before_write_notifiers:
+            self.source.before_write_notifiers.remove(self._notifier)
         self.release_nodes_locked()
-        self.block_graph.graph_operation("cbw-drop")
+        self._drop_filter()
+
+    def _drop_filter(self) -> None:
+        """bdrv_cbw_drop: parents go back to the source, then the filter goes."""
+        graph = self.source.graph
+        parents = list(self.filter.parent_nodes)
+        graph.remove_filter_from_chain(self.filter)
+        for parent in parents:
+            relinked_first(parent, self.source)
+        graph.drop_filter(self.filter)
+        # A drive-backup target the daemon opened goes once nothing holds it.
+        if self.target.release_when_unused:
+            graph.release_implicit(self.target)
+
+    def _copied_for_write(self, nbytes: int) -> None:
+        """A write to the source made the filter copy ``nbytes``: job progress."""
+        self.progress_update(nbytes)
+        self.progress_set_remaining(self.dirty.dirty_bytes + self._in_flight_bytes)
 
     def release_run_state(self) -> None:
         super().release_run_state()
         # The copy bitmap is the big one (a bit per cluster of the source).
-        del self.dirty, self.perf
+        del self.dirty, self.perf, self.bcs
 
     async def run(self) -> int:
         self.progress_set_remaining(self.dirty.dirty_bytes)
@@ -307,28 +380,36 @@ class BackupJob(BlockJob):
             if area is None:
                 break
             start, length = area
+            # A task covers one block-status run (QEMU's block_copy_task_shrink).
+            zero, length = self.bcs.task_extent(start, length)
             delay = self.ratelimit_delay_ns(0)
             if delay > 0:
                 await self.park_until_woken(_RATE_WAIT, timeout_ns=delay)
                 job_looked = True
                 continue
             self.ratelimit_delay_ns(length)
-            self.dirty.set(start, length, dirty=False)
+            # Claimed now: a write to the source that meets these clusters waits
+            # for this copy instead of copying them again.
+            claim = self.bcs.claim(start, start + length)
             self._in_flight_bytes += length
             offset = start + length
-            job_looked |= await pool.start(start, length)
+            job_looked |= await pool.start(claim, start, length, zero)
         await pool.wait_all()
         return pool.failure
 
-    async def _copy_chunk(self, pool: _WorkerPool, offset: int, length: int) -> None:
+    async def _copy_chunk(self, pool: _WorkerPool, claim: Any, offset: int,
+                          length: int, zero: bool) -> None:
         nbytes = min(offset + length, self.length) - offset
         failure: tuple[bool, int] | None = None
         try:
-            # The kernel copies between plain files; other nodes go through
-            # co_pread/co_pwrite inside copy_range, blkdebug rules included.
-            await copy_range(self.source, offset, self.target, offset, nbytes)
+            # Areas the source reads as zeroes become zero writes (block-copy's
+            # block status); the kernel copies the rest between plain files,
+            # other nodes go through co_pread/co_pwrite, blkdebug rules included.
+            await self.bcs.copy_task(offset, offset + nbytes, zero)
         except OSError as exc:
             failure = (failed_on_read(exc), exc.errno or errno.EIO)
+        # A failed copy puts its clusters back into the copy bitmap.
+        self.bcs.release(claim, ok=failure is None)
         self._in_flight_bytes -= length
         if failure is None:
             self.progress_update(length)
@@ -336,7 +417,6 @@ class BackupJob(BlockJob):
                 await self._discard_source(offset, nbytes)
         else:
             pool.record_failure(*failure)
-            self.dirty.set(offset, length, dirty=True)
         self.progress_set_remaining(self.dirty.dirty_bytes + self._in_flight_bytes)
 
 
@@ -348,16 +428,23 @@ class BackupJob(BlockJob):
             pass
 
 
-def check_filter_attach(source: "BlockNode", target: "BlockNode") -> None:
+def claim_filter_name(source: "BlockNode", wanted: str | None) -> tuple[str, bool]:
+    """The copy-before-write filter's node name: ``filter-node-name`` or one of
+    QEMU's generated names; a bad or taken name fails the filter's creation."""
+    try:
+        return source.graph._claim_name(wanted)
+    except QMPError as exc:
+        raise QMPError(f"Could not create node: {exc}") from None
+
+
+def check_filter_attach(filter_name: str, source: "BlockNode", target: "BlockNode") -> None:
     """The copy-before-write filter QEMU inserts takes the source as its ``file``
     child and the target as its ``target`` child: an inactive node cannot be
-    either. QEMU names the filter by its generator; qmpjobd draws a name the same
-    way, only for this message."""
+    either."""
     from qmpjobd.block.activation import check_child_attach
 
     for role, node in (("file", source), ("target", target)):
         if not node.active:
-            filter_name, _ = source.graph._claim_name(None)
             check_child_attach(filter_name, role, node, prefix="Could not create node: ")
 
 
@@ -369,11 +456,37 @@ def check_backup_nodes(source: "BlockNode", target: "BlockNode", compress: bool,
     if compress and not getattr(target, "supports_compressed_writes", False):
         # QEMU names the target's BlockBackend here, which storage-daemon nodes lack.
         raise QMPError("Compression is not supported for this drive ")
-    source.check_not_busy()
-    target.check_not_busy()
+    check_backup_op(source)
+    check_backup_op(target)
     if perf.max_workers < 1 or perf.max_workers > INT_MAX:
         raise QMPError(f"max-workers must be between 1 and {INT_MAX}")
     if perf.max_chunk < 0:
         raise QMPError("max-chunk must be zero (which means no limit) or positive")
+
+
+# The blocker an overlay puts on its backing node (QEMU's backing_blocker) leaves
+# backup source and backup target unblocked: fleecing backs up a node into an
+# overlay whose backing it is.
+_BACKING_BLOCKER = "node is used as backing hd of "
+
+
+def check_backup_op(node: "BlockNode") -> None:
+    """The BACKUP_SOURCE / BACKUP_TARGET op-blocker check."""
+    for blocker in node.blockers:
+        if not blocker.reason.startswith(_BACKING_BLOCKER):
+            raise QMPError(f"Node '{node.node_name}' is busy: {blocker.reason}")
+
+
+def freeze_sync_bitmap(bitmap: Any, bitmap_mode: str) -> None:
+    """backup_job_create's bitmap step: a bitmap the job will change must be
+    usable (BUSY, RO, INCONSISTENT), then it gets its successor."""
+    if bitmap_mode != "never":
+        problem = bitmap_use_problem(bitmap)
+        if problem is not None:
+            raise QMPError(problem)
+    bitmap.create_successor()
+
+
+def check_same_size(source: "BlockNode", target: "BlockNode") -> None:
     if target.size != source.size:
         raise QMPError("Source and target image have different sizes")

@@ -23,6 +23,7 @@ import contextlib
 import errno
 from typing import TYPE_CHECKING, Any
 
+from qmpjobd.block import permissions
 from qmpjobd.errors import QMPError
 from qmpjobd.job.job import Job, error_text_for
 from qmpjobd.job.faults import faults_of
@@ -154,8 +155,15 @@ class BlockJob(Job):
     def blocker_reason(self) -> str:
         return f"block device is in use by block job: {self.job_type}"
 
-    def attach_node(self, node: "BlockNode", *, block: bool = True) -> None:
-        """Use ``node`` (QEMU's block_job_add_bdrv); ``block`` installs the busy blocker."""
+    def attach_node(self, node: "BlockNode", *, block: bool = True,
+                    edge: "tuple[str, int, int] | None" = None) -> None:
+        """Use ``node`` (QEMU's block_job_add_bdrv); ``block`` installs the busy blocker.
+
+        ``edge`` (name, perm, shared) is the job's hold on the node as
+        x-debug-query-block-graph shows it; without it qmpjobd.block.permissions
+        .JOB_EDGES decides by job type and attach order. A permission conflict
+        raises QEMU's error with nothing attached."""
+        permissions.attach_job_node(self, node, len(self.attached_nodes), edge)
         node.add_job_user(self, blocker=self.blocker_reason if block else None)
         # A tuple: a job attaches two or three nodes, and the empty tuple left
         # after release_nodes() costs a concluded job nothing.
@@ -166,6 +174,9 @@ class BlockJob(Job):
         nodes, self.attached_nodes = self.attached_nodes, ()
         for node in reversed(nodes):
             node.remove_job_user(self)
+        graph = getattr(nodes[0], "graph", None) if nodes else None
+        if graph is not None and hasattr(graph, "nodes"):
+            permissions.detach_owner(graph, self)
 
     def release_nodes_locked(self) -> None:
         """block_job_remove_all_bdrv: release_nodes() under the graph lock (a section

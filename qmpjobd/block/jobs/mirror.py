@@ -42,10 +42,19 @@ from typing import TYPE_CHECKING
 
 from qmpjobd.block.bitmap import ClusterBitmap
 from qmpjobd.block.drivers.mirror_top import MirrorTopNode
+from qmpjobd.block.formats.qcow2.backing import (
+    UNALLOCATED,
+    cow_child,
+    find_overlay,
+    layer_status,
+    status_in_layers,
+)
+from qmpjobd.block.graph import freeze_chain, unfreeze_links
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.block.offload import copy_range, failed_on_read
 from qmpjobd.errors import QMPError
 from qmpjobd.job.coroutine import CoroutineRunner
+from qmpjobd.versions import Behaviour
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpjobd.block.graph import BlockGraph
@@ -60,6 +69,12 @@ DEFAULT_BUF_SIZE = MAX_IN_FLIGHT * MAX_IO_BYTES
 DEFAULT_GRANULARITY = 64 * KiB
 GRANULARITY_MIN = 512
 GRANULARITY_MAX = 64 * MiB
+# Observed: 7.2 lists the job's bitmap on the source, recording; 10.0 and 11.1 on
+# the mirror_top filter, not recording (the filter marks writes itself). The
+# release in between that moved it was not pinned down; 10.0 is the first we
+# impersonate that has it.
+BITMAP_ON_FILTER = Behaviour("the mirror's dirty bitmap sits on mirror_top, disabled",
+                             since="10.0")
 # How often QEMU's READY mirror wakes up when it has nothing to do (one slice).
 READY_POLL_NS = 100_000_000
 
@@ -114,6 +129,41 @@ class DirtyBitmap(ClusterBitmap):
         return offset, min(end * self.granularity, self.length) - offset
 
 
+class _ObservedMirrorTop(MirrorTopNode):
+    """mirror_top as a mirror job inserts it: exports of the source move onto it
+    (QEMU's bdrv_append), and what they write there is marked dirty for the job
+    to copy again, as QEMU's mirror_top write path does."""
+
+    job: "MirrorJob | None" = None
+
+    async def _pwritev(self, offset: int, data: bytes) -> None:
+        try:
+            await super()._pwritev(offset, data)
+        finally:
+            if self.job is not None:
+                self.job.source_written(offset, len(data))
+
+
+def _lowest_copied_layer(source: "BlockNode", sync: str,
+                         copy_base: "BlockNode | None") -> "BlockNode | None":
+    """sync=top: the source's own layer; a commit base: the node just above it;
+    else None (everything the chain holds). A source without backing copies all."""
+    if copy_base is not None:
+        return find_overlay(source, copy_base)
+    if sync == "top" and cow_child(source) is not None:
+        return source
+    return None
+
+
+def _zeroes_come_from_backing(target: "BlockNode", offset: int, length: int) -> bool:
+    """The target reads zeroes there only through its backing file: its own layer
+    must still record them (a qcow2 overlay gets zero clusters, as in QEMU)."""
+    if cow_child(target) is None:
+        return False
+    kind, _count = layer_status(target, offset, length)
+    return kind == UNALLOCATED
+
+
 class MirrorJob(BlockJob):
     """``blockdev-mirror`` / ``drive-mirror`` job (type ``mirror``)."""
 
@@ -123,7 +173,8 @@ class MirrorJob(BlockJob):
                  "failure_ret", "_ops", "_bytes_in_flight", "_ops_changed",
                  "_source_drained", "_in_drain", "_errors_seen", "filter",
                  "source_backing_chain", "copy_mode", "actively_synced",
-                 "reports_actively_synced", "target_is_zero")
+                 "reports_actively_synced", "target_is_zero", "copy_above",
+                 "_pivoted_source", "frozen_links")
 
     job_type = "mirror"
     can_complete = True
@@ -136,8 +187,14 @@ class MirrorJob(BlockJob):
                  auto_dismiss: bool = True, filter_node_name: str | None = None,
                  zero_target: bool = True, source_backing_chain: bool = False,
                  copy_mode: str = "background", target_is_zero: bool = False,
-                 reports_actively_synced: bool = False) -> None:
-        """QEMU's mirror_start_job, from the buf-size check to the attached target."""
+                 reports_actively_synced: bool = False,
+                 copy_base: "BlockNode | None" = None) -> None:
+        """QEMU's mirror_start_job, from the buf-size check to the attached target.
+
+        ``sync`` ``top`` copies what the source's own layer holds; ``copy_base``
+        (active commit) what the layers above that node hold. Either way the
+        rest of the chain is read through the source as it is.
+        """
         if buf_size < 0:
             raise QMPError("Invalid parameter 'buf-size'")
         if source is target:
@@ -176,7 +233,13 @@ class MirrorJob(BlockJob):
         self.reports_actively_synced = reports_actively_synced
         # The caller promises the target reads as zeroes: never write zeroes.
         self.target_is_zero = target_is_zero
-        self.filter = graph.insert_filter(MirrorTopNode, filter_node_name, source)
+        # The lowest layer whose data counts as the source's (QEMU's base of
+        # bdrv_is_allocated_above in mirror_dirty_init); None: the whole chain.
+        self.copy_above = _lowest_copied_layer(source, sync, copy_base)
+        self._pivoted_source = False       # exports follow a pivot of the source
+        self.frozen_links: list = []
+        self.filter = graph.insert_filter(_ObservedMirrorTop, filter_node_name, source)
+        self.filter.job = self
         try:
             super().__init__(manager, job_id, self.filter, block_main=True, speed=speed,
                              auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
@@ -193,11 +256,15 @@ class MirrorJob(BlockJob):
                 self.attach_node(target, block=True)
                 target.backend_users.append(self)
                 self.attach_node(source, block=True)
+            if copy_base is not None:
+                # mirror_start_job of an active commit (target in the source's
+                # chain): the links from the filter down to the target stay put.
+                self.frozen_links = freeze_chain(self.filter, target)
         except QMPError:
             self._exit_common(abort=True)
             self.early_fail()
             raise
-        source.dirty_bitmaps.append(self._bitmap_info)
+        self._bitmap_node().dirty_bitmaps.append(self._bitmap_info)
 
     # ------------------------------------------------------------------ hooks
 
@@ -236,8 +303,9 @@ class MirrorJob(BlockJob):
 
     def clean(self) -> None:
         self._exit_common()
-        if self._bitmap_info in self.source.dirty_bitmaps:
-            self.source.dirty_bitmaps.remove(self._bitmap_info)
+        holder = self._bitmap_node()
+        if self._bitmap_info in holder.dirty_bitmaps:
+            holder.dirty_bitmaps.remove(self._bitmap_info)
         if self in self.target.backend_users:
             self.target.backend_users.remove(self)
         super().clean()
@@ -273,7 +341,15 @@ class MirrorJob(BlockJob):
         self.graph.drained_begin([self.source])
 
     async def _run(self) -> int:
-        if self.target.size != self.length:
+        if self.job_type == "commit":
+            # mirror_run of an active commit: a shorter base grows to the
+            # source's length first, a longer one is left as it is.
+            if self.target.size < self.length:
+                from qmpjobd.block.jobs.commit import grow_base
+                failure = grow_base(self.target, self.length)
+                if failure:
+                    return failure
+        elif self.target.size != self.length:
             raise QMPError("Source and target image have different sizes")
         if self.sync != "none" and self.length:
             await self._dirty_init()
@@ -336,9 +412,15 @@ class MirrorJob(BlockJob):
         offset = 0
         while offset < self.length:
             await self.pause_point()
-            kind, count = self.source.block_status(offset, self.length - offset)
+            if self.copy_above is not None:
+                layer, count = status_in_layers(self.source, self.copy_above, offset,
+                                                self.length - offset)
+                dirty = layer != UNALLOCATED
+            else:
+                kind, count = self.source.block_status(offset, self.length - offset)
+                dirty = kind != "unknown"
             count = max(count, 1)
-            if kind != "unknown":          # allocated in the source's top layer
+            if dirty:
                 self.dirty.set(offset, count, dirty=True)
             offset += count
 
@@ -385,7 +467,12 @@ class MirrorJob(BlockJob):
                                  or self._bytes_in_flight + size > self.buf_size):
                 await self._wait_for_any_op()
             kind, status_bytes = self.source.block_status(offset, size)
-            if kind != "data" and status_bytes < size:
+            if kind == "data" and status_bytes < size:
+                # QEMU copies only the data extent (in whole chunks, at least one);
+                # what follows is zeroed or discarded by the next operation.
+                size = min(size, max(status_bytes - status_bytes % self.granularity,
+                                     self.granularity))
+            elif kind != "data" and status_bytes < size:
                 # Zero or discard only whole chunks; a shorter extent is part of a
                 # chunk holding data, which must be copied.
                 whole = status_bytes - status_bytes % self.granularity
@@ -442,6 +529,10 @@ class MirrorJob(BlockJob):
             return
         kind, count = self.target.block_status(offset, length)
         if kind == "zero" and count >= length:
+            if _zeroes_come_from_backing(self.target, offset, length):
+                # An overlay must record the zeroes itself (zero clusters).
+                await self.target.co_pwrite_zeroes(offset, length)
+                return
             # Nothing to change, but QEMU still sends the request down the chain.
             self.target.chain_write_started(offset, length)
             self.target.chain_write_finished(offset, length)
@@ -479,6 +570,16 @@ class MirrorJob(BlockJob):
         if self.synced:
             self.clock.call_later_ns(READY_POLL_NS, self._wake_if_idle)
 
+    def source_written(self, offset: int, length: int) -> None:
+        """A write through the filter (an export's): copy that range again. A READY
+        mirror notices at its next idle slice, as QEMU's does."""
+        dirty = getattr(self, "dirty", None)
+        if dirty is None or not length:
+            return
+        dirty.set(offset, min(length, max(self.length - offset, 0)), dirty=True)
+        if self.synced:
+            self.clock.call_later_ns(READY_POLL_NS, self._wake_if_idle)
+
     def _wake_if_idle(self) -> None:
         # Only the READY idle wait: a paused job takes the new mode after resuming.
         self.enter_cond(lambda: self.status.value == "ready" and not self.paused)
@@ -493,13 +594,20 @@ class MirrorJob(BlockJob):
     def _exit_common(self, *, pivot: bool = False, abort: bool = False) -> None:
         """mirror_exit_common: pivot if asked, drop the filter and end the exit
         drain (idempotent: only the first call does anything)."""
+        # The chain unfreezes before the job's own graph changes.
+        unfreeze_links(self.frozen_links)
+        self.frozen_links = []
         if self.filter.node_name in self.graph.nodes:
             self._exit_graph_changes(pivot=pivot, abort=abort)
         if self._source_drained:
             self._source_drained = False
             self.graph.drained_end([self.source])
         if self.filter.node_name in self.graph.nodes:
-            self.graph.drop_filter(self.filter)
+            # After a pivot of the source, the exports on the filter go where the
+            # source's users went (bdrv_replace_node of the filter by its child,
+            # whose link followed the source's replacement).
+            self.graph.drop_filter(self.filter,
+                                   self.target if self._pivoted_source else None)
 
     def _exit_graph_changes(self, *, pivot: bool, abort: bool) -> None:
         """The graph changes of mirror_exit_common before the filter goes, in QEMU's
@@ -510,9 +618,18 @@ class MirrorJob(BlockJob):
             self.graph.graph_changes("mirror-source-backing")
         if pivot:
             self.graph.replace_node(self.replaces, self.target, keep=self.filter)
+            self._pivoted_source = self.replaces is self.source
         self.graph.graph_changes("job-remove-nodes")
 
+    def _bitmap_node(self) -> "BlockNode":
+        """Where the job's dirty bitmap shows: on the source, or (10.0 on) on the
+        mirror_top filter, which marks writes itself and keeps it disabled."""
+        if self.graph.personality.has(BITMAP_ON_FILTER):
+            return self.filter
+        return self.source
+
     def _bitmap_info(self) -> dict:
-        """BlockDirtyInfo of the job's bitmap on the source (QAPI declaration order)."""
+        """BlockDirtyInfo of the job's bitmap (QAPI declaration order)."""
         return {"count": self.dirty.dirty_bytes, "granularity": self.granularity,
-                "recording": True, "busy": False, "persistent": False}
+                "recording": not self.graph.personality.has(BITMAP_ON_FILTER),
+                "busy": False, "persistent": False}

@@ -21,7 +21,17 @@ refcount blocks:
 
 A kill at any instant therefore leaves leaked clusters at worst. Lazy refcounts
 are accepted as an option but refcounts are always kept exact, so the dirty bit
-is never set by qmpjobd.
+is never set by qmpjobd. (Taking or deleting an internal snapshot changes a
+refcount and the OFLAG_COPIED bit of the entry using it in two different
+clusters; a kill between those two writes leaves what ``qemu-img check`` calls
+an OFLAG_COPIED error, exactly as QEMU's own ordering does.)
+
+Damaged metadata met at run time is handled as QEMU's qcow2_signal_corruption
+does: a misaligned table or cluster offset, or a write that would land on
+metadata (the overlap check, QEMU's default "cached" set), fails the request
+with EIO; on a writable image the corrupt bit is set in the header and the image
+refuses every further request (QEMU drops the node's driver: "No medium found");
+the ``corruption_listener`` (the node) sends BLOCK_IMAGE_CORRUPTED once.
 
 Requests are serialised by one lock; guest data moves through the storage (the
 thread pool for a ``file`` child) and never through the event loop.
@@ -46,7 +56,7 @@ from qmpjobd.block.formats.qcow2.refcount import (
     refcount_metadata_clusters,
     set_refcount,
 )
-from qmpjobd.block.formats.qcow2.storage import Storage
+from qmpjobd.block.formats.qcow2.storage import HostCopy, Storage
 
 _U64 = struct.Struct(">Q")
 
@@ -61,8 +71,30 @@ def eio() -> OSError:
     return OSError(errno.EIO, os.strerror(errno.EIO))
 
 
-class _Again(Exception):
-    """QEMU's -EAGAIN: metadata was allocated, restart the free-space search."""
+class _Again(OSError):
+    """QEMU's -EAGAIN: metadata was allocated, restart the free-space search. The
+    allocators retry; anyone else (a refcount change of a cluster a damaged
+    refcount table does not cover) sees the errno, as in QEMU."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+class CorruptionError(OSError):
+    """Inconsistent metadata found inside a request: EIO to the caller, after the
+    image has signalled the corruption (see ``Qcow2Image.signal_corruption``)."""
+
+    def __init__(self, message: str, offset: int = -1, size: int = -1,
+                 fatal: bool = True) -> None:
+        super().__init__(errno.EIO, os.strerror(errno.EIO))
+        self.message = message
+        self.corrupt_offset = offset
+        self.corrupt_size = size
+        self.fatal = fatal
+
+
+# Called as listener(fatal, offset, size, message) when corruption is signalled.
+CorruptionListener = Callable[[bool, int, int, str], None]
 
 
 @dataclass
@@ -97,6 +129,25 @@ class Qcow2Image:
         self.data_since_flush = False
         self.backing: BackingRead | None = None
         self.lock = asyncio.Lock()
+        # Guest reads whose data moves outside the lock (see read()); clusters are
+        # only freed once none is in flight.
+        self._data_io = 0
+        self._data_io_idle = asyncio.Event()
+        self._data_io_idle.set()
+        # Guest ranges [start, end) of whole clusters whose new data a write is
+        # putting in place without the lock: their L2 entries are that write's
+        # until it links them (QEMU's in-flight cluster allocations).
+        self._allocating: list[tuple[int, int]] = []
+        self._allocation_done = asyncio.Condition(self.lock)
+        self.snapshots: list = []             # snapshot.Snapshot entries, table order
+        self.snapshots_size = 0
+        self.corruption_listener: CorruptionListener | None = None
+        self.signaled_corruption = False
+        # QEMU's "bs->drv = NULL" after a fatal corruption: every request fails.
+        self.unusable = False
+        self._overlap_clusters: dict[int, int] | None = None
+        self.pending_discards: list[int] = []     # freed cluster offsets to discard
+        self._overlap_ranges: list[tuple[int, int, int]] = []
         csize_shift = 62 - (self.cluster_bits - 8)
         self._csize_shift = csize_shift
         self._csize_mask = (1 << (self.cluster_bits - 8)) - 1
@@ -121,9 +172,14 @@ class Qcow2Image:
         rt_raw = await storage.pread(header.refcount_table_offset, entries * 8)
         reftable = list(struct.unpack(f">{entries}Q", rt_raw))
         image = cls(storage, header, l1, reftable, read_only, options or Options())
-        if not read_only and header.autoclear_features:
-            # Unknown autoclear bits must be cleared before the first write.
-            header.autoclear_features = 0
+        from qmpjobd.block.formats.qcow2.snapshot import read_snapshots
+        image.snapshots, image.snapshots_size = await read_snapshots(image)
+        # Autoclear bits qmpjobd does not know must go before the first write (an
+        # older writer would leave the feature's data stale); the bitmaps bit stays
+        # while the bitmaps extension is there, since qmpjobd keeps that data current.
+        known = C.AUTOCLEAR_BITMAPS if header.bitmaps is not None else 0
+        if not read_only and header.autoclear_features & ~known:
+            header.autoclear_features &= known
             await image.write_header()
         return image
 
@@ -185,7 +241,15 @@ class Qcow2Image:
             await self.storage.flush()
             self.data_since_flush = False
         dirty = cache.take_dirty()
-        for offset, data in dirty:
+        ignore = _OL_ACTIVE_L2 if cache is self.l2_cache else _OL_REFCOUNT_BLOCK
+        for index, (offset, data) in enumerate(dirty):
+            try:
+                self.check_overlap(offset, len(data), ignore)
+            except CorruptionError:
+                # What was not written stays dirty (QEMU keeps it in its cache).
+                for rest, _ in dirty[index:]:
+                    cache.mark_dirty(rest)
+                raise
             await self.storage.pwrite(offset, data)
         if dirty:
             await self.storage.flush()
@@ -200,7 +264,17 @@ class Qcow2Image:
 
     async def flush(self) -> None:
         """Everything in the caches to the disk, in dependency order, then the
-        file itself."""
+        file itself (nothing once the image is unusable: QEMU's flush of a node
+        without a driver succeeds doing nothing)."""
+        if self.unusable:
+            return
+        try:
+            await self._flush_all()
+        except CorruptionError as exc:
+            await self._signal(exc)
+            raise eio() from None
+
+    async def _flush_all(self) -> None:
         await self.flush_cache(self.l2_cache)
         await self.flush_cache(self.refcount_cache)
         if self.data_since_flush:
@@ -217,17 +291,176 @@ class Qcow2Image:
         plan: list[tuple[int, bytes] | None] = []
         if first is self.l2_cache and first.dirty and self.data_since_flush:
             plan.append(None)
-        plan.extend(first.take_dirty())
+        if self.unusable:
+            # QEMU closes a node whose driver it dropped without writing anything.
+            first.take_dirty()
+            second.take_dirty()
+            return []
+        plan.extend(self._safe_writes(first))
         plan.append(None)
         if second is self.l2_cache and second.dirty and self.data_since_flush:
             plan.append(None)
-        plan.extend(second.take_dirty())
+        plan.extend(self._safe_writes(second))
         plan.append(None)
         self.data_since_flush = False
         return plan
 
+    def _safe_writes(self, cache: TableCache) -> list[tuple[int, bytes]]:
+        """The dirty tables of ``cache`` that pass the overlap check."""
+        ignore = _OL_ACTIVE_L2 if cache is self.l2_cache else _OL_REFCOUNT_BLOCK
+        out = []
+        for offset, data in cache.take_dirty():
+            try:
+                self.check_overlap(offset, len(data), ignore)
+            except CorruptionError:
+                continue
+            out.append((offset, data))
+        return out
+
     def dirty_metadata(self) -> bool:
         return bool(self.l2_cache.dirty or self.refcount_cache.dirty)
+
+    # --- damaged metadata ---------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.unusable:
+            raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
+
+    async def _signal(self, exc: CorruptionError) -> None:
+        await self.signal_corruption(exc.fatal, exc.corrupt_offset, exc.corrupt_size,
+                                     exc.message)
+
+    async def signal_corruption(self, fatal: bool, offset: int, size: int,
+                                message: str) -> None:
+        """QEMU's qcow2_signal_corruption: tell the listener (once; a fatal one after
+        non-fatal ones still counts), and for a fatal one on a writable image set
+        the corrupt bit and make the image refuse every further request. A
+        read-only image cannot be marked, so its corruption is never fatal."""
+        if self.read_only:
+            fatal = False
+        if self.signaled_corruption and (not fatal or self.header.corrupt):
+            return
+        self.signaled_corruption = True
+        if self.corruption_listener is not None:
+            self.corruption_listener(fatal, offset, size, message)
+        if not fatal:
+            return
+        self.header.incompatible_features |= C.INCOMPAT_CORRUPT
+        self.unusable = True
+        if self.header.version >= 3:
+            try:
+                await self.storage.pwrite(72, _U64.pack(self.header.incompatible_features))
+                await self.storage.flush()
+            except OSError:
+                pass          # QEMU ignores a failure to mark the image, too
+
+    def metadata_changed(self) -> None:
+        """Where the tables live changed: rebuild the overlap map when next needed."""
+        self._overlap_clusters = None
+
+    def _build_overlap_map(self) -> dict[int, int]:
+        from qmpjobd.block.formats.qcow2 import snapshot as S
+        clusters: dict[int, int] = {0: S.OL_MAIN_HEADER}
+        ranges: list[tuple[int, int, int]] = []
+
+        def add_range(offset: int, length: int, bit: int) -> None:
+            if length > 0:
+                start = self._start_of_cluster(offset)
+                ranges.append((start, offset + length, bit))
+
+        add_range(self.header.l1_table_offset, len(self.l1) * 8, S.OL_ACTIVE_L1)
+        for entry in self.l1:
+            l2 = entry & C.L1E_OFFSET_MASK
+            if l2:
+                index = l2 >> self.cluster_bits
+                clusters[index] = clusters.get(index, 0) | S.OL_ACTIVE_L2
+        add_range(self.header.refcount_table_offset, len(self.reftable) * 8,
+                  S.OL_REFCOUNT_TABLE)
+        for entry in self.reftable:
+            block = entry & C.REFT_OFFSET_MASK
+            if block:
+                index = block >> self.cluster_bits
+                clusters[index] = clusters.get(index, 0) | S.OL_REFCOUNT_BLOCK
+        add_range(self.header.snapshots_offset, self.snapshots_size, S.OL_SNAPSHOT_TABLE)
+        for snap in self.snapshots:
+            add_range(snap.l1_table_offset, snap.l1_size * 8, S.OL_INACTIVE_L1)
+        self._overlap_ranges = ranges
+        self._overlap_clusters = clusters
+        return clusters
+
+    def check_overlap(self, offset: int, length: int, ignore: int) -> None:
+        """QEMU's pre-write overlap check ("cached" set): CorruptionError naming the
+        first kind of metadata that [offset, offset+length) would overwrite."""
+        from qmpjobd.block.formats.qcow2 import snapshot as S
+        if length <= 0:
+            return
+        clusters = self._overlap_clusters
+        if clusters is None:
+            clusters = self._build_overlap_map()
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        hit = 0
+        if last - first + 1 <= len(clusters):
+            for index in range(first, last + 1):
+                hit |= clusters.get(index, 0)
+        else:
+            for index, bits in clusters.items():
+                if first <= index <= last:
+                    hit |= bits
+        start, end = first << self.cluster_bits, (last + 1) << self.cluster_bits
+        for range_start, range_end, bit in self._overlap_ranges:
+            if range_start < end and start < range_end:
+                hit |= bit
+        hit &= ~ignore
+        if hit:
+            lowest = (hit & -hit).bit_length() - 1
+            raise CorruptionError("Preventing invalid write on metadata (overlaps with "
+                                  f"{S.OVERLAP_NAMES[lowest]})", offset, length)
+
+    async def checked_pwrite(self, offset: int, data: bytes, ignore: int) -> None:
+        self.check_overlap(offset, len(data), ignore)
+        await self._put(offset, data)
+
+    async def _put(self, host: int, data: "bytes | memoryview | HostCopy") -> None:
+        """Data to host offset ``host``: bytes written, a HostCopy copied by the kernel."""
+        if isinstance(data, HostCopy):
+            await self.storage.copy_in(host, data)   # type: ignore[attr-defined]
+        else:
+            await self.storage.pwrite(host, data)
+
+    # --- helpers of the snapshot code ------------------------------------------------
+
+    async def alloc_clusters_bytes(self, length: int) -> int:
+        """alloc_clusters that, like QEMU's, also takes 0 bytes (the free cursor)."""
+        if length <= 0:
+            return await self._alloc_clusters_noref(0) << self.cluster_bits
+        return await self.alloc_clusters(length)
+
+    async def process_discards(self) -> None:
+        """Discard the clusters queued by ``update_refcount``, merged into runs,
+        once the refcounts saying they are free are on the disk."""
+        if not self.pending_discards:
+            return
+        offsets = sorted(set(self.pending_discards))
+        self.pending_discards.clear()
+        await self.flush_cache(self.refcount_cache)
+        start = previous = offsets[0]
+        for offset in offsets[1:] + [None]:
+            if offset is not None and offset == previous + self.cluster_size:
+                previous = offset
+                continue
+            await self.storage.discard(start, previous + self.cluster_size - start)
+            if offset is not None:
+                start = previous = offset
+
+    async def cached_table(self, offset: int) -> bytearray:
+        return await self._cache_get(self.l2_cache, offset)
+
+    async def l2_after_refcounts(self) -> None:
+        await self._set_dependency(self.l2_cache, self.refcount_cache)
+
+    def snapshot_list(self) -> list[dict]:
+        return [snap.info() for snap in self.snapshots]
 
     # --- refcounts --------------------------------------------------------------------
 
@@ -236,7 +469,8 @@ class Qcow2Image:
             return 0
         block = self.reftable[table_index] & C.REFT_OFFSET_MASK
         if block % self.cluster_size:
-            raise eio()
+            raise CorruptionError(f"Refblock offset {_c_hex(block)} unaligned "
+                                  f"(reftable index: {_c_hex(table_index)})")
         return block
 
     async def get_refcount(self, cluster_index: int) -> int:
@@ -283,14 +517,30 @@ class Qcow2Image:
                 continue
             return free
 
-    async def free_clusters(self, offset: int, length: int) -> None:
-        await self.update_refcount(offset, length, 1, True)
+    async def free_clusters(self, offset: int, length: int, *,
+                            snapshot_discard: bool = False) -> None:
+        """Drop one reference; a failure leaks the clusters and is only reported
+        on stderr, as QEMU's qcow2_free_clusters does."""
+        try:
+            await self.update_refcount(offset, length, 1, True,
+                                       snapshot_discard=snapshot_discard)
+        except CorruptionError as exc:
+            await self._signal(exc)
+            _report(f"qcow2_free_clusters failed: {os.strerror(errno.EIO)}")
+        except OSError as exc:
+            _report(f"qcow2_free_clusters failed: {os.strerror(exc.errno or errno.EIO)}")
 
     async def update_refcount(self, offset: int, length: int, addend: int,
-                              decrease: bool) -> None:
+                              decrease: bool, *, snapshot_discard: bool = False) -> None:
+        """Change the refcounts of the clusters of [offset, offset+length).
+        ``snapshot_discard``: clusters that become free are discarded on the file
+        afterwards (QEMU's pass-discard-snapshot, on by default); the caller runs
+        ``process_discards``."""
         if length <= 0:
             return
         if decrease:
+            # A read in flight may still use a cluster about to be freed.
+            await self._wait_data_io()
             await self._set_dependency(self.refcount_cache, self.l2_cache)
         start = self._start_of_cluster(offset)
         last = self._start_of_cluster(offset + length - 1)
@@ -318,6 +568,8 @@ class Qcow2Image:
                     raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
                 set_refcount(block, index, self.refcount_order, refcount)
                 if refcount == 0:
+                    if snapshot_discard:
+                        self.pending_discards.append(cluster_offset)
                     self.free_cluster_index = min(self.free_cluster_index, cluster_index)
                     # A freed table's cached copy must never be written back.
                     if cluster_offset != block_offset:
@@ -343,7 +595,7 @@ class Qcow2Image:
         await self.flush_cache(self.l2_cache)
         new_block = (await self._alloc_clusters_noref(1)) << self.cluster_bits
         if new_block == 0:
-            raise eio()
+            raise CorruptionError("Preventing invalid allocation of refcount block at offset 0")
         block_shift = self.cluster_bits + self.refcount_block_bits
         if new_block >> block_shift == cluster_index >> self.refcount_block_bits:
             block = await self._cache_get_empty(self.refcount_cache, new_block)
@@ -360,6 +612,7 @@ class Qcow2Image:
                                       _U64.pack(new_block))
             await self.storage.flush()
             self.reftable[table_index] = new_block
+            self.metadata_changed()
             raise _Again()
         blocks_used = -(-max(cluster_index + 1, (new_block >> self.cluster_bits) + 1)
                         // self.refcount_block_entries)
@@ -416,6 +669,7 @@ class Qcow2Image:
         self.reftable = new_table
         self.header.refcount_table_offset = table_offset
         self.header.refcount_table_clusters = table_clusters
+        self.metadata_changed()
         await self.free_clusters(old_offset, old_size * 8)
         return end_offset
 
@@ -440,6 +694,8 @@ class Qcow2Image:
         return (offset >> self.cluster_bits) & (self.l2_entries - 1)
 
     def _l2_offset(self, l1_index: int) -> int:
+        # Lookups from outside the request paths (block status) end here too.
+        self._check_usable()
         if l1_index >= len(self.l1):
             return 0
         entry = self.l1[l1_index]
@@ -447,7 +703,8 @@ class Qcow2Image:
             raise eio()
         l2_offset = entry & C.L1E_OFFSET_MASK
         if l2_offset % self.cluster_size:
-            raise eio()
+            raise CorruptionError(f"L2 table offset {_c_hex(l2_offset)} unaligned "
+                                  f"(L1 index: {_c_hex(l1_index)})")
         return l2_offset
 
     async def _l2_for_read(self, offset: int) -> bytearray | None:
@@ -467,6 +724,8 @@ class Qcow2Image:
 
     async def _allocate_l2(self, l1_index: int, old_offset: int) -> tuple[int, bytearray]:
         new_offset = await self.alloc_clusters(self.cluster_size)
+        if new_offset == 0:
+            raise CorruptionError("Preventing invalid allocation of L2 table at offset 0")
         await self.flush_cache(self.refcount_cache)
         table = await self._cache_get_empty(self.l2_cache, new_offset)
         if old_offset:
@@ -481,7 +740,9 @@ class Qcow2Image:
 
     async def _write_l1_entry(self, index: int, value: int) -> None:
         self.l1[index] = value
-        await self.storage.pwrite(self.header.l1_table_offset + index * 8, _U64.pack(value))
+        self.metadata_changed()
+        await self.checked_pwrite(self.header.l1_table_offset + index * 8, _U64.pack(value),
+                                  ignore=_OL_ACTIVE_L1)
         await self.storage.flush()
 
     async def grow_l1(self, min_size: int) -> None:
@@ -498,6 +759,7 @@ class Qcow2Image:
         self.l1 = new_table
         self.header.l1_table_offset = new_offset
         self.header.l1_size = min_size
+        self.metadata_changed()
         await self.free_clusters(old_offset, old_size * 8)
 
     def _entry(self, table: bytearray, index: int) -> int:
@@ -506,19 +768,73 @@ class Qcow2Image:
     def _set_entry(self, table: bytearray, index: int, value: int) -> None:
         _U64.pack_into(table, index * 8, value)
 
-    def _check_entry(self, entry: int) -> None:
+    def _check_entry(self, entry: int, offset: int) -> None:
         kind = self.cluster_kind(entry)
-        if kind in (NORMAL, ZERO_ALLOC) and (entry & C.L2E_OFFSET_MASK) % self.cluster_size:
-            raise eio()
+        host = entry & C.L2E_OFFSET_MASK
+        if kind in (NORMAL, ZERO_ALLOC) and host % self.cluster_size:
+            l2_offset = self._l2_offset(self._l1_index(offset))
+            raise CorruptionError(f"Cluster allocation offset {_c_hex(host)} unaligned "
+                                  f"(L2 offset: {_c_hex(l2_offset)}, L2 index: "
+                                  f"{_c_hex(self._l2_index(offset))})")
 
     # --- reading ----------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        self._check_usable()
         async with self.lock:
-            return await self._read(offset, length)
+            try:
+                plan = await self._read_plan(offset, length)
+            except CorruptionError as exc:
+                await self._signal(exc)
+                raise eio() from None
+            # The data moves without the lock, as QEMU's qcow2 drops s->lock for
+            # it: requests overlap in the thread pool instead of queueing behind
+            # each other's I/O. update_refcount waits before it frees a cluster.
+            self._data_io += 1
+            self._data_io_idle.clear()
+        try:
+            parts = [await self._read_run(*step) for step in plan]
+        finally:
+            self._data_io -= 1
+            if not self._data_io:
+                self._data_io_idle.set()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def pin_host_runs(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """The host ``(offset, length)`` runs holding guest [offset, offset+length)
+        when all of it is in normal data clusters (a copy offload's source), else
+        None. Runs returned are pinned like a read in flight (no cluster of them
+        is freed) until ``unpin_host_runs``."""
+        self._check_usable()
+        async with self.lock:
+            try:
+                plan = await self._read_plan(offset, length)
+            except CorruptionError as exc:
+                await self._signal(exc)
+                raise eio() from None
+            if any(kind != NORMAL for kind, _, _, _ in plan):
+                return None
+            self._data_io += 1
+            self._data_io_idle.clear()
+        return [((entry & C.L2E_OFFSET_MASK) + self._offset_in_cluster(guest), count)
+                for _, entry, guest, count in plan]
+
+    def unpin_host_runs(self) -> None:
+        self._data_io -= 1
+        if not self._data_io:
+            self._data_io_idle.set()
+
+    async def _wait_data_io(self) -> None:
+        while self._data_io:
+            await self._data_io_idle.wait()
 
     async def _read(self, offset: int, length: int) -> bytes:
-        parts: list[bytes] = []
+        plan = await self._read_plan(offset, length)
+        return b"".join([await self._read_run(*step) for step in plan])
+
+    async def _read_plan(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """(kind, entry, offset, length) of each run of like clusters in the range."""
+        parts: list[tuple[int, int, int, int]] = []
         end = offset + length
         while offset < end:
             l2 = await self._l2_for_read(offset)
@@ -526,12 +842,12 @@ class Qcow2Image:
             index = self._l2_index(offset)
             table_end = min(end, (self._l1_index(offset) + 1) << (self.cluster_bits + self.l2_bits))
             entry = self._entry(l2, index) if l2 is not None else 0
-            self._check_entry(entry)
+            self._check_entry(entry, offset)
             kind = self.cluster_kind(entry)
             run_end = self._run_end(l2, index, offset, table_end, entry, kind)
-            parts.append(await self._read_run(kind, entry, offset, run_end - offset))
+            parts.append((kind, entry, offset, run_end - offset))
             offset = run_end
-        return b"".join(parts)
+        return parts
 
     def _run_end(self, l2: bytearray | None, index: int, offset: int, limit: int,
                  entry: int, kind: int) -> int:
@@ -594,33 +910,88 @@ class Qcow2Image:
             raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
     async def write(self, offset: int, data: bytes) -> None:
+        self._check_usable()
         self._check_writable()
         async with self.lock:
-            await self._write_unlocked(offset, data)
+            try:
+                await self._write_unlocked(offset, data, release=True)
+            except CorruptionError as exc:
+                await self._signal(exc)
+                raise eio() from None
 
     def _table_chunk(self, offset: int, length: int) -> int:
         table_bytes = 1 << (self.cluster_bits + self.l2_bits)
         return min(length, table_bytes - (offset & (table_bytes - 1)))
 
-    async def _write_in_table(self, offset: int, data: memoryview) -> None:
+    async def _write_in_table(self, offset: int, data: memoryview,
+                              release: bool = False) -> None:
+        """``release``: the data moves without the lock (guest writes; see
+        _data_without_lock), so the L2 table is looked up again afterwards."""
         _, l2 = await self._l2_for_write(offset)
         end = offset + len(data)
         pos = offset
         while pos < end:
+            if self._allocating and await self._wait_allocations(pos, end):
+                _, l2 = await self._l2_for_write(pos)
+                continue
             index = self._l2_index(pos)
             entry = self._entry(l2, index)
-            self._check_entry(entry)
+            self._check_entry(entry, pos)
             in_place = self.cluster_kind(entry) == NORMAL and entry & C.OFLAG_COPIED
             run_end = self._write_run_end(l2, index, pos, end, bool(in_place))
             part = data[pos - offset:run_end - offset]
             if in_place:
                 host = (entry & C.L2E_OFFSET_MASK) + self._offset_in_cluster(pos)
-                await self.storage.pwrite(host, bytes(part))
+                # The caller's buffer as is: a copy would cost a memcpy per request.
+                if release:
+                    self.check_overlap(host, len(part), 0)
+                    await self._data_without_lock(host, part, None)
+                else:
+                    await self.checked_pwrite(host, part, ignore=0)
                 self.data_since_flush = True
             else:
                 l2_offset, l2 = await self._l2_for_write(pos)
-                await self._write_allocating(l2_offset, l2, pos, part)
+                await self._write_allocating(l2_offset, l2, pos, part, release)
             pos = run_end
+            if release and pos < end:
+                _, l2 = await self._l2_for_write(pos)
+
+    async def _data_without_lock(self, host: int, data: memoryview | bytes,
+                                 span: tuple[int, int] | None) -> None:
+        """Write guest data at ``host`` with the lock released, as QEMU's qcow2 drops
+        s->lock for the data of a request: requests then overlap in the thread
+        pool. ``span`` (new clusters) is held against other changes of those L2
+        entries; an in-place write counts as I/O in flight (no cluster is freed
+        under it). The counter drops before the lock is taken again: a request
+        freeing clusters waits for it while holding the lock."""
+        if span is not None:
+            self._allocating.append(span)
+        else:
+            self._data_io += 1
+            self._data_io_idle.clear()
+        self.lock.release()
+        try:
+            await self._put(host, data)
+        finally:
+            if span is None:
+                self._data_io -= 1
+                if not self._data_io:
+                    self._data_io_idle.set()
+            await self.lock.acquire()
+            if span is not None:
+                self._allocating.remove(span)
+                self._allocation_done.notify_all()
+
+    async def _wait_allocations(self, start: int, end: int) -> bool:
+        """Wait (the lock released meanwhile) until no allocation in flight overlaps
+        [start, end); True if it waited (the caller's view of the tables is stale)."""
+        def clear() -> bool:
+            return not any(first < end and start < last for first, last in self._allocating)
+
+        if clear():
+            return False
+        await self._allocation_done.wait_for(clear)
+        return True
 
     def _write_run_end(self, l2: bytearray, index: int, pos: int, end: int,
                        in_place: bool) -> int:
@@ -642,7 +1013,7 @@ class Qcow2Image:
         return min(run, end)
 
     async def _write_allocating(self, l2_offset: int, l2: bytearray, pos: int,
-                                part: memoryview) -> None:
+                                part: memoryview, release: bool = False) -> None:
         """New clusters for [pos, pos+len): head/tail copied from what the guest
         sees now, data written, then the L2 entries, then old clusters freed."""
         first_cluster = self._start_of_cluster(pos)
@@ -657,7 +1028,19 @@ class Qcow2Image:
         tail = await self._cluster_content(old_entries[-1], tail_cluster,
                                            end - tail_cluster, self.cluster_size)
         host = await self.alloc_clusters(count * self.cluster_size)
-        await self.storage.pwrite(host, head + bytes(part) + tail)
+        # QEMU checks the guest data's part (its clusters hold the COW parts too).
+        self.check_overlap(host + len(head), len(part), 0)
+        if (head or tail) and isinstance(part, HostCopy):
+            # Offloads come cluster-aligned; should one not, merge the bytes.
+            part = memoryview(await asyncio.get_running_loop().run_in_executor(None, part.read))
+        # Whole clusters (the common case) go out without a copy of the data.
+        payload = head + bytes(part) + tail if head or tail else part
+        if release:
+            await self._data_without_lock(host, payload, (first_cluster, last_end))
+            # The table may have moved meanwhile (copied for a snapshot).
+            l2_offset, l2 = await self._l2_for_write(pos)
+        else:
+            await self._put(host, payload)
         self.data_since_flush = True
         await self._set_dependency(self.l2_cache, self.refcount_cache)
         l2 = await self._cache_get(self.l2_cache, l2_offset)
@@ -673,11 +1056,16 @@ class Qcow2Image:
         if kind in (NORMAL, ZERO_ALLOC):
             await self.free_clusters(entry & C.L2E_OFFSET_MASK, self.cluster_size)
         elif kind == COMPRESSED:
-            coffset = entry & self._coffset_mask
-            sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
-            last = (coffset & ~(C.COMPRESSED_SECTOR - 1)) + sectors * C.COMPRESSED_SECTOR - 1
-            first = self._start_of_cluster(coffset)
-            await self.free_clusters(first, last - first + 1)
+            first, length = self.compressed_range(entry)
+            await self.free_clusters(first, length)
+
+    def compressed_range(self, entry: int) -> tuple[int, int]:
+        """(offset, length) of the host bytes a compressed entry's refcount covers."""
+        coffset = entry & self._coffset_mask
+        sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+        last = (coffset & ~(C.COMPRESSED_SECTOR - 1)) + sectors * C.COMPRESSED_SECTOR - 1
+        first = self._start_of_cluster(coffset)
+        return first, last - first + 1
 
     # --- zeroes and discard -------------------------------------------------------------
 
@@ -685,7 +1073,15 @@ class Qcow2Image:
         """Make [offset, offset+length) read as zeroes, without writing data where
         the format can say so (QEMU's qcow2_co_pwrite_zeroes, with the generic
         layer's split into an unaligned head, whole clusters and a tail)."""
+        self._check_usable()
         self._check_writable()
+        try:
+            await self._write_zeroes(offset, length, may_unmap)
+        except CorruptionError as exc:
+            await self._signal(exc)
+            raise eio() from None
+
+    async def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         end = offset + length
         aligned_start = min(end, -(-offset // self.cluster_size) * self.cluster_size)
         aligned_end = end if end == self.size else self._start_of_cluster(end)
@@ -708,6 +1104,7 @@ class Qcow2Image:
     async def _zero_partial(self, cluster: int, start: int, end: int, may_unmap: bool) -> bool:
         """A zero write inside one cluster: done without data if the rest of the
         cluster already reads as zeroes and the cluster holds no data."""
+        await self._wait_allocations(cluster, cluster + self.cluster_size)
         cluster_end = min(cluster + self.cluster_size, self.size)
         before = await self._read(cluster, start - cluster) if start > cluster else b""
         after = await self._read(end, cluster_end - end) if cluster_end > end else b""
@@ -721,6 +1118,7 @@ class Qcow2Image:
         return True
 
     async def _zeroize(self, offset: int, length: int, may_unmap: bool) -> None:
+        await self._wait_allocations(offset, offset + length)
         if self.header.version < 3:
             if self.backing is None:
                 await self._discard_clusters(offset, length, full=False)
@@ -759,16 +1157,19 @@ class Qcow2Image:
             await self._write_unlocked(offset, bytes(n))
             offset += n
 
-    async def _write_unlocked(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
+    async def _write_unlocked(self, offset: int, data: "bytes | HostCopy",
+                              release: bool = False) -> None:
+        # A HostCopy (copy offload) slices like a memoryview of its bytes would.
+        view = data if isinstance(data, HostCopy) else memoryview(data)
         while view:
             chunk = self._table_chunk(offset, len(view))
-            await self._write_in_table(offset, view[:chunk])
+            await self._write_in_table(offset, view[:chunk], release)
             offset += chunk
             view = view[chunk:]
 
     async def discard(self, offset: int, length: int) -> None:
         """Guest discard: whole clusters only (and the partial last one)."""
+        self._check_usable()
         self._check_writable()
         if self.header.version < 3 and self.backing is not None:
             return                    # QEMU: not supported, silently dropped
@@ -779,9 +1180,14 @@ class Qcow2Image:
         if end <= start:
             return
         async with self.lock:
-            await self._discard_clusters(start, end - start, full=False)
+            try:
+                await self._discard_clusters(start, end - start, full=False)
+            except CorruptionError as exc:
+                await self._signal(exc)
+                raise eio() from None
 
     async def _discard_clusters(self, offset: int, length: int, full: bool) -> None:
+        await self._wait_allocations(offset, offset + length)
         end = offset + length
         while offset < end:
             chunk = self._table_chunk(offset, end - offset)
@@ -827,6 +1233,11 @@ class Qcow2Image:
             return None
         return self._entry(table, self._l2_index(offset))
 
+    def check_entry(self, entry: int, offset: int) -> None:
+        """Raise CorruptionError for an L2 entry whose host offset is unaligned
+        (for lookups outside the request paths: block status, NBD's file ranges)."""
+        self._check_entry(entry, offset)
+
     def entry_from(self, table: bytes, offset: int) -> int:
         return _U64.unpack_from(table, self._l2_index(offset) * 8)[0]
 
@@ -837,6 +1248,20 @@ class Qcow2Image:
         """Keep a table read outside the request path (block status) if there is room."""
         if self.l2_cache.lookup(l2_offset) is None and not self.l2_cache.full():
             self.l2_cache.insert(l2_offset, bytearray(data))
+
+
+def _report(line: str) -> None:
+    import sys
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _c_hex(value: int) -> str:
+    """printf's %#x: 0x-prefixed, but a plain 0 for zero."""
+    return f"{value:#x}" if value else "0"
+
+
+_OL_ACTIVE_L1, _OL_ACTIVE_L2, _OL_REFCOUNT_BLOCK = 1 << 1, 1 << 2, 1 << 4
 
 
 def refuse_unsupported(header: Header, read_only: bool) -> None:
@@ -857,9 +1282,3 @@ def refuse_unsupported(header: Header, read_only: bool) -> None:
         raise Qcow2OpenError("qcow2 image has the dirty bit set (lazy refcounts after a "
                              "crash); qmpjobd opens it read-only only: repair it with "
                              "'qemu-img check -r all' first")
-    if header.nb_snapshots:
-        raise Qcow2OpenError("qcow2 images with internal snapshots can only be opened "
-                             "read-only by qmpjobd")
-    if header.bitmaps is not None and header.autoclear_features & C.AUTOCLEAR_BITMAPS:
-        raise Qcow2OpenError("qcow2 images with persistent dirty bitmaps can only be "
-                             "opened read-only by qmpjobd")

@@ -23,6 +23,7 @@ class Storage(Protocol):
     async def flush(self) -> None: ...
     def length(self) -> int: ...
     async def truncate(self, length: int, preallocation: str = "off") -> None: ...
+    async def discard(self, offset: int, length: int) -> None: ...
 
 
 class MemoryStorage:
@@ -48,6 +49,12 @@ class MemoryStorage:
     def length(self) -> int:
         return len(self.data)
 
+    async def discard(self, offset: int, length: int) -> None:
+        """Freed clusters handed back: they read as zeroes (as a file's do)."""
+        end = min(offset + length, len(self.data))
+        if end > offset:
+            self.data[offset:end] = bytes(end - offset)
+
     async def truncate(self, length: int, preallocation: str = "off") -> None:
         if length < len(self.data):
             del self.data[length:]
@@ -70,6 +77,33 @@ class NodeStorage:
 
     async def flush(self) -> None:
         await self.node.co_flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard freed clusters on the file when it takes discards: opened with
+        discard=unmap, or opened inline under the qcow2 node without a discard
+        option (QEMU's children inherit "unmap" by default)."""
+        if passes_discard(self.node):
+            end = min(offset + length, self.node.size)
+            if end > offset:
+                await self.node._pdiscard(offset, end - offset)
+
+    async def copy_in(self, offset: int, copy: "HostCopy") -> None:
+        """Write ``copy``'s host ranges at ``offset``: the kernel copies them when
+        this node is a host file region, else the bytes go through pwrite."""
+        host = self.node.host_file()
+        loop = asyncio.get_running_loop()
+        if host is None or self.node.read_only:
+            await self.pwrite(offset, await loop.run_in_executor(None, copy.read))
+            return
+        self.node.extend_for_write(offset + len(copy))
+        fd, base = host
+        # The write passes the file node (and any raw below) without its co_pwrite.
+        self.node.chain_write_started(offset, len(copy))
+        try:
+            await loop.run_in_executor(None, copy.copy_to, fd, base + offset)
+        finally:
+            self.node.chain_write_finished(offset, len(copy))
+        self.node.write_generation += 1
 
     def length(self) -> int:
         host = self.node.host_file()
@@ -94,6 +128,12 @@ class NodeStorage:
         self.node.size = -(-length // 512) * 512
 
 
+def passes_discard(node: "BlockNode") -> bool:
+    if "discard" in node.options:
+        return node.discard_unmap
+    return not node.monitor_owned
+
+
 def resize_host_file(fd: int, length: int, preallocation: str) -> None:
     """Grow or shrink a host file; new bytes allocated for falloc, written for full."""
     old = os.fstat(fd).st_size
@@ -108,3 +148,47 @@ def resize_host_file(fd: int, length: int, preallocation: str) -> None:
     offset = old
     while offset < length:
         offset += os.pwrite(fd, chunk[:min(len(chunk), length - offset)], offset)
+
+
+class HostCopy:
+    """Write payload that is not bytes: ranges of host files, copied by the kernel.
+
+    The qcow2 write path takes it where it takes guest data (``len`` and slicing
+    are all it needs), so a copy offload allocates and links clusters exactly
+    as a write of the same bytes would; only the data step differs
+    (:meth:`NodeStorage.copy_in`). ``pieces`` are ``(fd, offset, length)``.
+    """
+
+    def __init__(self, pieces: list[tuple[int, int, int]]) -> None:
+        self.pieces = pieces
+        self.length = sum(length for _, _, length in pieces)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, span: slice) -> "HostCopy":
+        start, stop, _ = span.indices(self.length)
+        taken: list[tuple[int, int, int]] = []
+        pos = 0
+        for fd, offset, length in self.pieces:
+            lo, hi = max(start, pos), min(stop, pos + length)
+            if lo < hi:
+                taken.append((fd, offset + lo - pos, hi - lo))
+            pos += length
+        return HostCopy(taken)
+
+    def read(self) -> bytes:
+        """The bytes (blocking; for the rare path that must merge them with others)."""
+        parts = []
+        for fd, offset, length in self.pieces:
+            data = os.pread(fd, length, offset)
+            parts.append(data + bytes(length - len(data)))
+        return b"".join(parts)
+
+    def copy_to(self, dst_fd: int, dst_offset: int) -> None:
+        """Copy every piece to ``dst_fd`` from ``dst_offset`` on (blocking)."""
+        from qmpjobd.block.offload import kernel_copy_exact
+
+        for fd, offset, length in self.pieces:
+            kernel_copy_exact(fd, offset, dst_fd, dst_offset, length)
+            dst_offset += length

@@ -1,0 +1,173 @@
+"""Backing-chain helpers the graph-changing jobs need from the qcow2 format.
+
+* ``change_backing_file(node, name, fmt)``: QEMU's qcow2_change_backing_file, the
+  header rewrite a stream or commit makes in its prepare step: the backing file
+  name (``None``: no backing at all, ``backing_file_offset`` 0) and the backing
+  format extension (``None``: the extension goes). The header is rewritten as a
+  whole cluster and flushed, as qcow2_update_header does.
+* ``relink_backing(node)``: after the graph gave a qcow2 node another backing
+  child (or none), make its image read unallocated clusters from that child.
+* ``layer_status(node, offset, length)``: what one layer holds at ``offset``,
+  without looking below it (QEMU's bdrv_is_allocated): ``"data"``, ``"zero"`` or
+  ``"unallocated"``, and for how many bytes the answer holds.
+* ``status_in_layers(first, last, offset, length)``: the first allocated layer's
+  answer from ``first`` down to and including ``last`` (QEMU's
+  bdrv_is_allocated_above with include_base), filters skipped.
+
+The functions take the graph node (``Qcow2Node``) because that is what jobs hold;
+everything they touch of the format is the node's ``image`` object.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qmpjobd.errors import QMPError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.node import BlockNode
+
+# QEMU refuses backing names longer than this (qcow2_change_backing_file).
+BACKING_NAME_MAX = 1023
+
+UNALLOCATED = "unallocated"
+
+
+def is_qcow2(node: "BlockNode") -> bool:
+    return getattr(node, "image", None) is not None and node.driver == "qcow2"
+
+
+def change_backing_file(node: "BlockNode", name: str | None, fmt: str | None) -> None:
+    """Write ``name``/``fmt`` as the image's backing file into its header.
+
+    Synchronous: the header is one cluster at offset 0 of a ``file`` child, and
+    QEMU's prepare step writes it from the main loop as well. Raises OSError as
+    the write does; a name QEMU would refuse gives EINVAL before anything changes.
+    """
+    import errno
+    import os
+
+    from qmpjobd.block.drivers.qcow2 import SyncStorage, run_now
+
+    image = node.image  # type: ignore[attr-defined]
+    if name is not None and len(name.encode()) > BACKING_NAME_MAX:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    header = image.header
+    old = (header.backing_file, header.backing_format)
+    header.backing_file = name
+    header.backing_format = fmt if name is not None else None
+    try:
+        cluster = header.pack()
+        storage = SyncStorage(node.children["file"])
+        run_now(storage.pwrite(0, cluster))
+        run_now(storage.flush())
+    except (OSError, QMPError):
+        header.backing_file, header.backing_format = old
+        raise
+    # The node's name no longer comes from what the header named at open.
+    node.opened_backing_from_header = False  # type: ignore[attr-defined]
+
+
+def relink_backing(node: "BlockNode") -> None:
+    """Point the image's backing reads at the node's current backing child."""
+    image = getattr(node, "image", None)
+    if image is None or not hasattr(node, "_read_backing"):
+        return
+    image.backing = node._read_backing if node.backing_node() is not None else None  # type: ignore[attr-defined]
+
+
+def skip_filters(node: "BlockNode | None") -> "BlockNode | None":
+    """QEMU's bdrv_skip_filters: go down through filter nodes."""
+    while node is not None and node.is_filter:
+        child = node.backing_node() or node.file_child
+        if child is None:
+            break
+        node = child
+    return node
+
+
+def cow_child(node: "BlockNode") -> "BlockNode | None":
+    """QEMU's bdrv_backing_chain_next: the COW backing below ``node``'s filters."""
+    below = skip_filters(node)
+    if below is None or below.is_filter:
+        return None
+    return skip_filters(below.backing_node())
+
+
+def find_overlay(active: "BlockNode", base: "BlockNode | None") -> "BlockNode | None":
+    """QEMU's bdrv_find_overlay: the node of ``active``'s chain whose COW backing is
+    ``base`` (None: the bottom of the chain); None when ``base`` is not below."""
+    node = skip_filters(active)
+    base = skip_filters(base)
+    while node is not None:
+        below = cow_child(node)
+        if below is base:
+            return node
+        node = below
+    return None
+
+
+def layer_status(node: "BlockNode", offset: int, length: int) -> tuple[str, int]:
+    """Allocation of ``node``'s own layer (filters skipped) at ``offset``."""
+    below = skip_filters(node)
+    assert below is not None
+    if not is_qcow2(below):
+        # Formats without backing files hold everything (QEMU reports
+        # BDRV_BLOCK_ALLOCATED for every extent of them).
+        kind, count = below.block_status(offset, length)
+        return ("zero" if kind == "zero" else "data"), max(count, 1)
+    image = below.image  # type: ignore[attr-defined]
+    end = min(offset + length, image.size)
+    if offset >= end:
+        return UNALLOCATED, max(length, 1)
+    cluster = image.cluster_size
+    kind = _kind(below, offset)
+    pos = (offset // cluster + 1) * cluster
+    while pos < end and _kind(below, pos) == kind:
+        pos += cluster
+    return kind, max(1, min(pos, end) - offset)
+
+
+def _kind(node: "BlockNode", offset: int) -> str:
+    # The qcow2 driver's per-cluster answer: "data", "zero" or "unallocated".
+    return node._kind_at(node.image, offset)  # type: ignore[attr-defined]
+
+
+def status_in_layers(first: "BlockNode | None", last: "BlockNode | None",
+                     offset: int, length: int) -> tuple[str, int]:
+    """The answer of the first layer from ``first`` down to ``last`` (inclusive)
+    that holds ``offset``; ``"unallocated"`` when none does. ``last`` None: the
+    whole chain."""
+    count = max(length, 1)
+    node = skip_filters(first)
+    last = skip_filters(last)
+    while node is not None:
+        kind, n = layer_status(node, offset, count)
+        count = min(count, n)
+        if kind != UNALLOCATED:
+            return kind, count
+        if node is last:
+            break
+        node = cow_child(node)
+    return UNALLOCATED, count
+
+
+def chain_nodes(top: "BlockNode", base: "BlockNode | None") -> list["BlockNode"]:
+    """Every node from ``top`` down to, not including, ``base`` through backing and
+    filtered children (QEMU's bdrv_filter_or_cow_bs walk)."""
+    nodes: list[BlockNode] = []
+    node: BlockNode | None = top
+    while node is not None and node is not base:
+        nodes.append(node)
+        node = node.filter_or_cow_child()
+    return nodes
+
+
+def chain_contains(top: "BlockNode", wanted: "BlockNode") -> bool:
+    """QEMU's bdrv_chain_contains: ``wanted`` is ``top`` or below it."""
+    node: BlockNode | None = top
+    while node is not None:
+        if node is wanted:
+            return True
+        node = node.filter_or_cow_child()
+    return False
