@@ -30,34 +30,6 @@ def run(argv: list[str], daemon) -> str:
     return normalise(f"[exit {done.returncode}]\n" + "\n".join(lines), daemon)
 
 
-class Monitor:
-    """The set-up's QMP client with arguments as one dict (``name`` is a common
-    argument and cannot be a keyword next to the command's name)."""
-
-    def __init__(self, qmp) -> None:
-        self.qmp = qmp
-        self.raw = qmp.raw
-        self.events = qmp.events
-
-    def cmd(self, command: str, **arguments: object) -> dict:
-        message: dict = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self.raw.send(json.dumps(message))
-        while True:
-            reply = json.loads(self.raw.recv_message())
-            if "event" in reply:
-                reply.pop("timestamp", None)
-                self.events.append(reply)
-                continue
-            return reply
-
-    def ok(self, command: str, **arguments: object) -> object:
-        reply = self.cmd(command, **arguments)
-        assert "return" in reply, reply
-        return reply["return"]
-
-
 def bitmaps(qmp, node: str = "disk") -> object:
     for info in qmp.ok("query-named-block-nodes", flat=True):
         if info["node-name"] == node:
@@ -89,7 +61,7 @@ def both(version: str, session) -> tuple[object, object]:
     results = []
     for kind in ("qsd", "qmpjobd"):
         with nbd_daemon(kind, version) as (daemon, qmp, sock):
-            results.append(session(daemon, Monitor(qmp), sock))
+            results.append(session(daemon, qmp, sock))
     return results[0], results[1]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_backup_bitmaps import Monitor, image_check, image_map, run, wait_job_end
+from tests.integration.test_backup_bitmaps import image_check, image_map, run, wait_job_end
 from tests.support.daemons import DaemonProcess
 from tests.support.nbd_setup import Qmp, normalise, uri
 from tests.support.oracles import CONFORMANCE_VERSIONS
@@ -56,7 +56,7 @@ def both(version: str, session) -> tuple[object, object]:
             qmp = Qmp(daemon.sockets[0])
             try:
                 results.append([normalise(json.dumps(item), daemon)
-                                for item in session(daemon, Monitor(qmp))])
+                                for item in session(daemon, qmp)])
             finally:
                 qmp.close()
     return results[0], results[1]

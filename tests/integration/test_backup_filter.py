@@ -21,7 +21,7 @@ import re
 
 import pytest
 
-from tests.integration.test_backup_bitmaps import Monitor, run, wait_job_end
+from tests.integration.test_backup_bitmaps import run, wait_job_end
 from tests.integration.test_block_graph_debug import renumbered
 from tests.support.nbd_setup import DISK_SIZE, nbd_daemon, normalise, uri
 from tests.support.oracles import CONFORMANCE_VERSIONS
@@ -40,7 +40,7 @@ def both(version: str, session) -> tuple[list, list]:
     for kind in ("qsd", "qmpjobd"):
         with nbd_daemon(kind, version) as (daemon, qmp, sock):
             results.append([comparable(item, daemon)
-                            for item in session(daemon, Monitor(qmp), sock)])
+                            for item in session(daemon, qmp, sock)])
     return results[0], results[1]
 
 

@@ -24,7 +24,7 @@ import subprocess
 
 import pytest
 
-from tests.integration.test_backup_bitmaps import Monitor, bitmaps, image_check, run, wait_job_end
+from tests.integration.test_backup_bitmaps import bitmaps, image_check, run, wait_job_end
 from tests.support.nbd_setup import nbd_daemon, normalise, uri
 from tests.support.oracles import CONFORMANCE_VERSIONS
 
@@ -36,7 +36,7 @@ def both(version: str, session) -> tuple[object, object]:
             # The disk as it was before anybody wrote: what a fleecing reader must see.
             shutil.copyfile(daemon.tmp / "disk.raw", daemon.tmp / "orig.raw")
             results.append([normalise(json.dumps(item), daemon)
-                            for item in session(daemon, Monitor(qmp), sock)])
+                            for item in session(daemon, qmp, sock)])
     return results[0], results[1]
 
 
