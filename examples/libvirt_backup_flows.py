@@ -55,8 +55,8 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from libvirt_chain_flows import (  # noqa: E402
     QEMU_IMG, ChainMonitor, Disk, add_format_node, bitmap_lines, checked_tool, create_qcow2_image,
-    detach, finish_job, fmt, guest_sha256, guest_write_through_nbd, open_chain, print_digests,
-    qemu_io_writes, run_flow, shut_down,
+    detach, finish_job, flow_runner, fmt, guest_sha256, guest_write_through_nbd, open_chain, print_digests,
+    qemu_io_writes, shut_down,
 )
 from libvirt_flows import cli_main  # noqa: E402
 
@@ -309,10 +309,7 @@ FLOW_FUNCTIONS: dict[str, Callable[[ChainMonitor, list[str], str], None]] = {
 FLOWS = tuple(FLOW_FUNCTIONS)
 
 
-def run(path: str, flow: str, workdir: str) -> list[str]:
-    if flow not in FLOW_FUNCTIONS:
-        raise SystemExit(f"unknown flow {flow}")
-    return run_flow(path, FLOW_FUNCTIONS[flow], workdir)
+run = flow_runner(FLOW_FUNCTIONS)
 
 
 def main() -> int:

@@ -586,10 +586,16 @@ def run_flow(path: str, function: Callable[[ChainMonitor, list[str], str], None]
     return out
 
 
-def run(path: str, flow: str, workdir: str) -> list[str]:
-    if flow not in FLOW_FUNCTIONS:
-        raise SystemExit(f"unknown flow {flow}")
-    return run_flow(path, FLOW_FUNCTIONS[flow], workdir)
+def flow_runner(functions: dict[str, Callable]) -> Callable[[str, str, str], list[str]]:
+    """``run(path, flow, workdir)`` over a table of flow functions."""
+    def run(path: str, flow: str, workdir: str) -> list[str]:
+        if flow not in functions:
+            raise SystemExit(f"unknown flow {flow}")
+        return run_flow(path, functions[flow], workdir)
+    return run
+
+
+run = flow_runner(FLOW_FUNCTIONS)
 
 
 def main() -> int:
