@@ -65,28 +65,13 @@ from libvirt_flows import LibvirtStyleMonitor, cli_main, job_outcome  # noqa: E4
 
 
 class ChainMonitor(LibvirtStyleMonitor):
-    """LibvirtStyleMonitor plus commands whose arguments include a member called
-    ``name`` (block-export-add, bitmaps), which ``command(name, **arguments)`` cannot
-    take as a keyword; it also remembers its socket path for a reconnect."""
+    """LibvirtStyleMonitor that remembers its socket path for a reconnect (commands
+    with a member called ``name`` go through the base class's ``execute``)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         super().__init__(path)
 
-    def execute(self, command: str, arguments: dict[str, Any]) -> Any:
-        self.counter += 1
-        tag = f"libvirt-{self.counter}"
-        message = {"execute": command, "id": tag, "arguments": arguments}
-        self.sock.sendall(json.dumps(message).encode() + b"\r\n")
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            assert reply.get("id") == tag, f"unexpected reply {reply}"
-            if "error" in reply:
-                raise RuntimeError(f"{reply['error']['class']}: {reply['error']['desc']}")
-            return reply["return"]
 
 DISK_SIZE = 4 << 20
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")

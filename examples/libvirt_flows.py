@@ -56,9 +56,13 @@ class LibvirtStyleMonitor:
 
     def command(self, name: str, **arguments: Any) -> Any:
         """Send a command and return its value; raise RuntimeError on an error reply."""
+        return self.execute(name, arguments)
+
+    def execute(self, name: str, arguments: dict[str, Any]) -> Any:
+        """``command`` with the arguments as one dict (for members called ``name``)."""
         self.counter += 1
         tag = f"libvirt-{self.counter}"
-        message = {"execute": name, "id": tag}
+        message: dict[str, Any] = {"execute": name, "id": tag}
         if arguments:
             message["arguments"] = arguments
         self.sock.sendall(json.dumps(message).encode() + b"\r\n")

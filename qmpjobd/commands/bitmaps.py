@@ -203,20 +203,21 @@ def block_dirty_bitmap_clear(ctx: Context, args: dict) -> dict:
     return {}
 
 
-@command("block-dirty-bitmap-enable")
-def block_dirty_bitmap_enable(ctx: Context, args: dict) -> dict:
+def _set_recording(ctx: Context, args: dict, recording: bool) -> dict:
     _, bitmap = lookup_bitmap(ctx.daemon, args["node"], args["name"])
     bitmap.check(CHECK_ALLOW_RO)
-    bitmap.recording = True
+    bitmap.recording = recording
     return {}
+
+
+@command("block-dirty-bitmap-enable")
+def block_dirty_bitmap_enable(ctx: Context, args: dict) -> dict:
+    return _set_recording(ctx, args, True)
 
 
 @command("block-dirty-bitmap-disable")
 def block_dirty_bitmap_disable(ctx: Context, args: dict) -> dict:
-    _, bitmap = lookup_bitmap(ctx.daemon, args["node"], args["name"])
-    bitmap.check(CHECK_ALLOW_RO)
-    bitmap.recording = False
-    return {}
+    return _set_recording(ctx, args, False)
 
 
 @command("block-dirty-bitmap-merge")
