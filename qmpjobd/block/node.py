@@ -226,7 +226,9 @@ class BlockNode:
             self.graph.release_implicit(self)
 
     def add_blocker(self, owner: Any, reason: str) -> None:
-        self.blockers.append(Blocker(owner, reason))
+        # QEMU inserts op blockers at the head of the list, so the newest one
+        # names itself in "is busy" errors.
+        self.blockers.insert(0, Blocker(owner, reason))
 
     def remove_blockers(self, owner: Any) -> None:
         self.blockers = [b for b in self.blockers if b.owner is not owner]

@@ -43,7 +43,7 @@ from qmpjobd.block.graph import freeze_chain, unfreeze_links
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.block.jobs.mirror import MirrorJob
 from qmpjobd.block.formats.qcow2.backing import find_overlay
-from qmpjobd.block.jobs.stream import backing_format_name, block_first
+from qmpjobd.block.jobs.stream import backing_format_name
 from qmpjobd.errors import QMPError
 from qmpjobd.versions import Behaviour
 
@@ -90,7 +90,6 @@ class CommitJob(BlockJob):
         self.frozen_links: list = []
         super().__init__(manager, job_id, device, block_main=True, speed=speed,
                          auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
-        block_first(device, self)
         try:
             if base.read_only:
                 if reopen is None:
@@ -107,10 +106,8 @@ class CommitJob(BlockJob):
             for node in chain_nodes(top, base):
                 with graph.graph_change("job-add-node"):
                     self.attach_node(node, block=True)
-                block_first(node, self)
             with graph.graph_change("job-add-node"):
                 self.attach_node(base, block=True)
-            block_first(base, self)
             # The job's BlockBackends on base and top (blockdev-del: "in use").
             # qemu-storage-daemon 10.0 and 11.1 show one graph-lock section for
             # the two to other jobs (counted, not read in the source).
@@ -351,7 +348,6 @@ class ActiveCommitJob(MirrorJob):
                 if top.filter_or_cow_child() is not None else []:
             with graph.graph_change("job-add-node"):
                 self.attach_node(node, block=True)
-            block_first(node, self)
 
     def abort(self) -> None:
         super().abort()

@@ -65,14 +65,6 @@ def backing_format_name(base: "BlockNode", mask_protocol: bool) -> str:
     return base.driver
 
 
-def block_first(node: "BlockNode", job: object) -> None:
-    """Put ``job``'s blocker on ``node`` in front: QEMU inserts op blockers at the
-    head of the list, so the newest names itself in "is busy" errors."""
-    mine = [b for b in node.blockers if b.owner is job]
-    if mine:
-        node.blockers = mine + [b for b in node.blockers if b.owner is not job]
-
-
 class StreamJob(BlockJob):
     """``block-stream`` job (type ``stream``)."""
 
@@ -140,12 +132,10 @@ class StreamJob(BlockJob):
             raise
         with graph.graph_change("job-add-node"):
             self.attach_node(device, block=True)
-        block_first(device, self)
         for node in chain_nodes(device.filter_or_cow_child(), base) \
                 if device.filter_or_cow_child() is not None else []:
             with graph.graph_change("job-add-node"):
                 self.attach_node(node, block=True)
-            block_first(node, self)
 
     # ------------------------------------------------------------------ run
 
