@@ -8,6 +8,7 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,11 @@ def assert_same_images(expected_dir: str, actual_dir: str) -> None:
 
 def assert_flow_matches(module, version: str, flow: str) -> None:
     with tempfile.TemporaryDirectory() as qsd_dir, tempfile.TemporaryDirectory() as ours_dir:
-        expected = flow_outcome(module, "qsd", version, flow, qsd_dir)
-        actual = flow_outcome(module, "qmpjobd", version, flow, ours_dir)
+        # Both daemons play at once (own directories, own sockets): the flows mostly wait.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            oracle = pool.submit(flow_outcome, module, "qsd", version, flow, qsd_dir)
+            actual = flow_outcome(module, "qmpjobd", version, flow, ours_dir)
+            expected = oracle.result()
         assert actual == expected
         assert expected and not any(line.startswith("error:") for line in expected), expected
         assert_same_images(qsd_dir, ours_dir)

@@ -40,6 +40,9 @@ class Session(QMPSession):
         assert "return" in reply, reply
         while True:
             jobs = {j["id"]: j for j in self.command("query-jobs")["return"]}
+            assert job_id in jobs, (f"{self.daemon.kind}: {job_id} vanished after {reply}; "
+                                    f"jobs {jobs}, events {self.events}, "
+                                    f"stderr {self.daemon.stderr()}")
             if jobs[job_id]["status"] == "concluded":
                 break
         self.command("job-dismiss", {"id": job_id})
