@@ -17,7 +17,7 @@ Reads whose bytes lie in plain host files (a file node, raw on one, the normal
 clusters of a qcow2 chain on files: ``status.file_pieces``) skip that path:
 the reply header is queued and the file ranges follow through ``sendfile``,
 for simple replies and structured data chunks alike. Block status (and the
-holes of a structured read) comes from ``qmpjobd.nbd.status``.
+holes of a structured read) comes from ``qmpjobd.block.status``.
 
 As in QEMU, at most 16 requests of one client are in flight: further requests
 wait, and reading stops until one finishes. Replies go out as soon as their
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterator, Sequence
 from qmpjobd.errors import QMPError
 from qmpjobd.job.coroutine import CoroutineRunner
 from qmpjobd.nbd import protocol as nbd
-from qmpjobd.nbd import status
+from qmpjobd.block import status
 from qmpjobd.nbd.channel import SocketChannel
 from qmpjobd.nbd.protocol import Cmd, ExportView, ProtocolFeatures, Request
 from qmpjobd.sockets import listen_first_free, resolve_inet, unlink_if_same

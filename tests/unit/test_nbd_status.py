@@ -89,3 +89,9 @@ def test_channel_signals_high_water_and_drains():
     received, signals = _channel_run([b"x" * 300000, b"y" * 300000], high_water=100000)
     assert received == b"x" * 300000 + b"y" * 300000
     assert signals == ["pause", "resume", "lost"]
+
+
+def test_block_status_bits_are_the_nbd_base_allocation_bits():
+    # The NBD server sends qmpjobd.block.status's flags as they are.
+    from qmpjobd.block import status
+    assert (status.STATE_HOLE, status.STATE_ZERO) == (nbd.STATE_HOLE, nbd.STATE_ZERO)

@@ -47,6 +47,7 @@ from qmpjobd.block.drivers.copy_before_write import (
 )
 from qmpjobd.block.offload import failed_on_read
 from qmpjobd.block.jobs.base import BlockJob
+from qmpjobd.block.status import depth
 from qmpjobd.errors import QMPError
 from qmpjobd.job.coroutine import CoroutineRunner
 from qmpjobd.job.txn import JobTxn
@@ -87,8 +88,6 @@ def is_allocated(node: "BlockNode", offset: int, length: int) -> tuple[bool, int
     (QEMU's bdrv_is_allocated: a qcow2 cluster its backing file provides is not)."""
     # The chain walk of qemu:allocation-depth answers exactly this: depth 1 is
     # "allocated in the node itself".
-    from qmpjobd.nbd.status import depth
-
     level, count = depth(node, offset, length)
     return level == 1, max(count, 1)
 

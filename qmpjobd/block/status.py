@@ -1,4 +1,5 @@
-"""Block status as QEMU's NBD server reports it, over a node and its backing chain.
+"""Block status over a node and its backing chain, as QEMU's NBD server and its
+jobs (bdrv_is_allocated) see it.
 
 Two questions are answered here, each as ``(value, bytes)`` for the run that
 starts at an offset:
@@ -27,10 +28,15 @@ from typing import TYPE_CHECKING, Any
 from qmpjobd.block.drivers.qcow2 import SyncStorage, run_now
 from qmpjobd.block.formats.qcow2 import constants as C
 from qmpjobd.block.formats.qcow2.image import CorruptionError, eio
-from qmpjobd.nbd.protocol import STATE_HOLE, STATE_ZERO
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpjobd.block.node import BlockNode
+
+# The base:allocation bits (the NBD protocol's NBD_STATE_HOLE and NBD_STATE_ZERO,
+# which are also QEMU's own meaning of "hole" and "reads as zeroes"); the block layer
+# names them here so that it need not import the NBD package.
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
 
 # base:allocation flags of the generic node.block_status() kinds.
 _GENERIC_FLAGS = {"data": 0, "zero": STATE_HOLE | STATE_ZERO, "unknown": STATE_HOLE}
