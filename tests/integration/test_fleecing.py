@@ -222,3 +222,48 @@ def test_zero_writes_to_a_qcow2_source_are_fleeced(version):
     theirs, ours = both(version, session)
     assert ours == theirs
     assert "Pattern verification failed" not in " ".join(ours)
+
+
+# A target write that hangs for an hour: blkdebug's delay-ns (10.0+) on the scratch.
+HANGING_TARGET = {"driver": "raw", "node-name": "temp", "file": {
+    "driver": "blkdebug", "node-name": "temp-dbg",
+    "inject-error": [{"event": "write_aio", "delay-ns": 3600 * 10**9, "errno": 0}],
+    "image": {"driver": "file", "filename": "scratch.raw"}}}
+
+
+@pytest.mark.parametrize("policy", ["break-snapshot", "break-guest-write"])
+@pytest.mark.parametrize("version", [v for v in CONFORMANCE_VERSIONS if v != "7.2"])
+def test_cbw_timeout_gives_up_on_a_hanging_copy_at_the_deadline(version, policy):
+    """With ``cbw-timeout`` a guest write waits for its copy-before-write only until
+    the deadline, though the copy itself never finishes: break-snapshot lets the
+    write through and spoils the snapshot, break-guest-write fails the write. (Were
+    the timeout judged when the copy ends, the guest write would hang for an hour.)"""
+    def session(daemon, qmp, sock):
+        out: list[object] = []
+        with open(daemon.tmp / "scratch.raw", "wb") as f:
+            f.truncate(4 * 1024 * 1024)
+        out.append(qmp.cmd("block-export-del", id="e0"))
+        out.append(qmp.cmd("blockdev-add", **HANGING_TARGET))
+        out.append(qmp.cmd("blockdev-add", driver="copy-before-write", file="disk",
+                           target="temp", **{"node-name": "fl-cbw", "on-cbw-error": policy,
+                                             "cbw-timeout": 1}))
+        out.append(qmp.cmd("block-export-add", type="nbd", id="guest",
+                           **{"node-name": "fl-cbw"}, name="guest", writable=True))
+        out.append(qmp.cmd("blockdev-add", driver="snapshot-access",
+                           **{"node-name": "fl-access"}, file="fl-cbw"))
+        out.append(qmp.cmd("block-export-add", type="nbd", id="fleece",
+                           **{"node-name": "fl-access"}, name="fleece"))
+        out.append(run(["qemu-io", "-f", "raw", "-c", "write -P 0xdd 0 64k",
+                        uri(sock, "guest")], daemon))
+        out.append(run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0xdd 0 64k",
+                        uri(sock, "guest")], daemon))
+        out.append(run(["qemu-io", "-r", "-f", "raw", "-c", "read 1M 64k",
+                        uri(sock, "fleece")], daemon))
+        # The copy still hangs in the target: don't wait for the daemon to drain it.
+        daemon.proc.kill()
+        return out
+
+    theirs, ours = both(version, session)
+    assert ours == theirs
+    write = json.loads(theirs[6])
+    assert write.startswith("[exit 0]") == (policy == "break-snapshot"), write

@@ -23,7 +23,8 @@ Options of the node (QAPI BlockdevOptionsCbw): ``file``, ``target``, ``bitmap``
 readable through the snapshot; the bits are taken at open), ``on-cbw-error``
 (``break-guest-write``: a failed copy fails the write; ``break-snapshot``: the
 write goes on and every later snapshot read fails with EACCES) and
-``cbw-timeout`` (seconds; a copy slower than that counts as failed).
+``cbw-timeout`` (seconds; a write stops waiting for its copy at that deadline and
+the copy counts as failed, though it goes on in the background).
 """
 
 from __future__ import annotations
@@ -356,16 +357,26 @@ class BlockCopyState:
         await self._wait_frozen_reads(start, end)
 
     async def _timed(self, coro: Any) -> None:
-        """Run a copy; with ``cbw-timeout`` a copy that took longer counts as
-        failed (QEMU cancels it at the deadline; here it is judged when it ends,
-        on the daemon clock, so only the moment the write fails differs)."""
+        """Run a copy; with ``cbw-timeout`` the caller gives up at the deadline (on
+        the daemon clock) with ETIMEDOUT while the copy itself goes on in the
+        background, as QEMU's block_copy with a timeout does."""
         if not self.cbw_timeout_ns or self.clock is None:
             await coro
             return
-        started = self.clock.now_ns()
-        await coro
-        if self.clock.now_ns() - started > self.cbw_timeout_ns:
-            raise io_error(errno.ETIMEDOUT)
+        copy = asyncio.ensure_future(coro)
+        deadline = asyncio.get_running_loop().create_future()
+        timer = self.clock.call_later_ns(
+            self.cbw_timeout_ns, lambda: deadline.done() or deadline.set_result(None))
+        try:
+            await asyncio.wait((copy, deadline), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+        if copy.done():
+            copy.result()
+            return
+        # Nobody waits for the late copy any more; its failure has no one to tell.
+        copy.add_done_callback(lambda task: task.cancelled() or task.exception())
+        raise io_error(errno.ETIMEDOUT)
 
     # --- the point-in-time view (snapshot-access) -----------------------------------
 
@@ -409,7 +420,9 @@ class BlockCopyState:
         return any(entry.overlaps(offset, offset + 1) for entry in self._copying)
 
     def snapshot_block_status(self, offset: int, length: int) -> tuple[str, int]:
-        """Block status of the old content at ``offset``."""
+        """Block status of the old content at ``offset``; EACCES where a read would
+        fail (a broken snapshot, an area outside the bitmap), as QEMU's does."""
+        self._check_access(offset, length)
         cs = self.cluster_size
         end = min(offset + length, self.length)
         copied = self.done.is_set(offset)
