@@ -40,20 +40,32 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
 
-def _fallocate_zero(fd: int, offset: int, length: int) -> bool:
-    """Zero a host file range without writing data; False when the file system
-    cannot (the caller then writes zeroes)."""
+def _fallocate(fd: int, modes: tuple[int, ...], offset: int, length: int) -> bool:
+    """fallocate(2) with the first of ``modes`` the file system supports; False
+    when it supports none (the caller then writes zeroes)."""
     import ctypes
     import ctypes.util
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    for mode in (_FALLOC_FL_ZERO_RANGE, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE):
+    for mode in modes:
         if libc.fallocate(fd, mode, offset, length) == 0:
             return True
         code = ctypes.get_errno()
         if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise io_error(code)
     return False
+
+
+def _fallocate_zero(fd: int, offset: int, length: int) -> bool:
+    """Zero a host file range without writing data."""
+    modes = (_FALLOC_FL_ZERO_RANGE, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+    return _fallocate(fd, modes, offset, length)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a host file range, as file-posix's discard does (it then reads
+    zeroes and no longer counts in actual-size)."""
+    return _fallocate(fd, (_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,), offset, length)
 
 
 async def _zero_host_range(node: "BlockNode", host: tuple[int, int], offset: int,
@@ -96,6 +108,9 @@ class BlockNode:
     is_format: ClassVar[bool] = False
     # True for filter drivers (blkdebug): they pass I/O through to one child.
     is_filter: ClassVar[bool] = False
+    # True for drivers QEMU gives a protocol_name (file, null-co, blkdebug): only a
+    # protocol child's plain filename can stand for a format node above it.
+    is_protocol: ClassVar[bool] = False
     # Option members that name children (inline dict or node-name reference).
     child_roles: ClassVar[tuple[str, ...]] = ()
     # QEMU hands an aligned zero-length read or write to the driver too; True for
@@ -561,6 +576,12 @@ class BlockNode:
         """A plain filename that fully describes the node, if there is one."""
         return None
 
+    def primary_exact_filename(self, child: "BlockNode") -> str | None:
+        """bdrv_refresh_filename's default for a format node without strong options
+        or an overridden backing: the child's plain name, but only when the child
+        is a protocol node (raw over qcow2, qcow2 over raw get json: names)."""
+        return child.exact_filename() if child.is_protocol else None
+
     def filename(self) -> str:
         """The name QEMU reports as ``file`` / ``image.filename``."""
         exact = self.exact_filename()
@@ -592,6 +613,24 @@ class BlockNode:
         """Format members of ImageInfo beyond the generic ones (qcow2: cluster-size,
         backing-filename, ...), in QAPI declaration order."""
         return {}
+
+    def child_cluster_size(self, child: "BlockNode") -> dict:
+        """ImageInfo's cluster-size of a node whose bdrv_get_info is its child's
+        (raw, and filters without one of their own): a qcow2 child's shows."""
+        cluster = child.image_details().get("cluster-size")
+        return {"cluster-size": cluster} if cluster is not None else {}
+
+    def with_child_discard_alignment(self, child: "BlockNode") -> dict:
+        """block_limits() plus the child's discard alignment, which QEMU merges
+        into the parent's limits (the zero-write alignment it does not), placed
+        in BlockLimitsInfo order."""
+        limits = BlockNode.block_limits(self)
+        inner = child.block_limits()
+        ordered = {"request-alignment": limits.pop("request-alignment")}
+        if "discard-alignment" in inner:
+            ordered["discard-alignment"] = inner["discard-alignment"]
+        ordered.update(limits)
+        return ordered
 
     def format_specific_info(self, who: Any) -> "dict | None":
         """ImageInfoSpecific of a format driver, or None."""

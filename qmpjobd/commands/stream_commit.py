@@ -227,9 +227,16 @@ def block_commit(ctx: Context, args: dict) -> dict:
         raise QMPError("cannot commit an image into itself")
     job_id = args.get("job-id", "")
     flags = _job_flags(args)
-    if skip_filters(top) is skip_filters(device):
-        if "backing-file" in args:
-            raise QMPError("'backing-file' specified, but 'top' is the active layer")
+    is_active = skip_filters(top) is skip_filters(device)
+    # QEMU commits actively (a mirror) also when someone writes to 'top' (a
+    # writable export of an intermediate node), and such a commit cannot rewrite
+    # an overlay's backing file name. (Without backing-file qmpjobd still starts
+    # an inactive commit there, which the writer then makes fail.)
+    if "backing-file" in args and (is_active or _has_writer(graph, top)):
+        raise QMPError("'backing-file' specified, but 'top' is the active layer"
+                       if is_active else
+                       "'backing-file' specified, but 'top' has a writer on it")
+    if is_active:
         from qmpjobd.block.jobs.commit import ActiveCommitJob
 
         job = ActiveCommitJob(ctx.daemon.jobs, graph, job_id, top, base, **flags)
@@ -245,6 +252,15 @@ def block_commit(ctx: Context, args: dict) -> dict:
                         **flags)
     job.start()
     return {}
+
+
+def _has_writer(graph: Any, node: BlockNode) -> bool:
+    """Whether the node's parents and users together hold the write permission
+    (bdrv_get_cumulative_perm)."""
+    from qmpjobd.block.permissions import WRITE, compute
+
+    perm, _ = compute(graph)[2].get(id(node), (0, 0))
+    return bool(perm & WRITE)
 
 
 def _overlay_of(device: BlockNode, top: BlockNode) -> BlockNode | None:

@@ -65,6 +65,7 @@ class SetStateRule:
 class BlkdebugNode(BlockNode):
     driver = "blkdebug"
     is_filter = True
+    is_protocol = True
     child_roles = ("image",)
     # Zero-length reads and writes reach the rules, as in QEMU (an NBD client
     # can send them).
@@ -164,4 +165,11 @@ class BlkdebugNode(BlockNode):
             return None
         inner = self.children["image"].exact_filename()
         return None if inner is None else f"blkdebug::{inner}"
+
+    def image_details(self) -> dict:
+        # Without a bdrv_get_info of its own, QEMU asks the filtered child.
+        return self.child_cluster_size(self.children["image"])
+
+    def block_limits(self) -> dict:
+        return self.with_child_discard_alignment(self.children["image"])
 

@@ -37,6 +37,7 @@ SECTOR = 512
 
 class FileNode(BlockNode):
     driver = "file"
+    is_protocol = True
     strong_options = ("filename",)
     # Without O_DIRECT (cache.direct=on is refused) any buffer address will do.
     leaf_min_mem_alignment = 1

@@ -17,6 +17,7 @@ SECTOR = 512
 
 class NullNode(BlockNode):
     driver = "null-co"
+    is_protocol = True
     strong_options = ("size", "read-zeroes")
 
     def open(self) -> None:

@@ -453,7 +453,7 @@ class Qcow2Node(BlockNode):
     def exact_filename(self) -> str | None:
         if self._backing_overridden():
             return None
-        return self.children["file"].exact_filename()
+        return self.primary_exact_filename(self.children["file"])
 
     def actual_size(self) -> int | None:
         return self.children["file"].actual_size()

@@ -90,7 +90,15 @@ class RawNode(BlockNode):
         return (fd, base + self.offset)
 
     def exact_filename(self) -> str | None:
-        # A raw node without its own options is described by its child's name.
+        # A raw node without its own options is described by its protocol
+        # child's name.
         if self.own_strong_options():
             return None
-        return self.children["file"].exact_filename()
+        return self.primary_exact_filename(self.children["file"])
+
+    def image_details(self) -> dict:
+        # raw's bdrv_get_info is its child's: over qcow2, its cluster size.
+        return self.child_cluster_size(self.children["file"])
+
+    def block_limits(self) -> dict:
+        return self.with_child_discard_alignment(self.children["file"])

@@ -38,6 +38,11 @@ QCOW2_CREATE_OPENS_LATER = Behaviour(
 
 # The member that names the node to format, per create driver (BlockdevRef members).
 _NODE_REFERENCES = ("file",)
+# qcow2_co_create opens the new image twice through a BlockBackend of its own (to
+# make it consistent, then once more to flush it), each time as a node with a
+# generated name: a successful create uses up two #blockNNN names in every
+# release; one that fails its option checks uses none (a file create none either).
+QCOW2_CREATE_OPENS = 2
 
 
 class CreateJob(Job):
@@ -100,6 +105,7 @@ async def create_qcow2(graph: "BlockGraph", options: dict) -> None:
             await create_image(NodeStorage(node), opts)
         except OSError as exc:
             raise QMPError(f"Could not write qcow2 image: {os.strerror(exc.errno or errno.EIO)}") from None
+        graph.skip_generated_names(QCOW2_CREATE_OPENS)
     finally:
         if not isinstance(ref, str):
             graph._forget(node)

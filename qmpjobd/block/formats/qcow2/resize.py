@@ -8,10 +8,11 @@ cluster at the old end; then the size field of the header.
 
 Shrinking (QEMU allows it for block_resize; only ``qemu-img resize`` asks for
 ``--shrink``): the clusters past the new end are discarded for good (their L2
-entries cleared, the clusters freed), L1 entries past the new end cleared and
-their L2 tables freed (the L1 table keeps its length, as in QEMU), refcount blocks
-that no longer count anything dropped, the file cut after its last used cluster,
-then the size field.
+entries cleared, the clusters freed, and the freed data clusters discarded on the
+file too, as QEMU passes a QCOW2_DISCARD_ALWAYS down: a file that takes discards
+gets holes there), L1 entries past the new end cleared and their L2 tables freed
+(the L1 table keeps its length, as in QEMU), refcount blocks that no longer count
+anything dropped, the file cut after its last used cluster, then the size field.
 
 ``resize`` works on a :class:`Qcow2Image` through its storage; ``resize_node``
 runs it for a graph node from a command, synchronously (the node is drained), with
@@ -27,7 +28,7 @@ import struct
 from typing import Any, Iterator
 
 from qmpjobd.block.formats.qcow2 import constants as C
-from qmpjobd.block.formats.qcow2.image import Qcow2Image
+from qmpjobd.block.formats.qcow2.image import COMPRESSED, NORMAL, ZERO_ALLOC, Qcow2Image
 from qmpjobd.errors import QMPError
 
 _U64 = struct.Struct(">Q")
@@ -87,8 +88,7 @@ async def _shrink(image: Qcow2Image, size: int, old: int, l1_entries: int) -> No
     cut = -(-size // cs) * cs
     if cut < old:
         async with image.lock:
-            await _step("Failed to discard cropped clusters",
-                        image._discard_clusters(cut, old - cut, full=True))
+            await _step("Failed to discard cropped clusters", _crop(image, cut, old))
     await _step("Failed to reduce the number of L2 tables", _shrink_l1(image, l1_entries))
     await _step("Failed to discard unused refblocks", _shrink_reftable(image))
     await image.flush()
@@ -99,6 +99,39 @@ async def _shrink(image: Qcow2Image, size: int, old: int, l1_entries: int) -> No
             await image.storage.truncate((last + 1) * cs)
         except OSError:
             pass        # QEMU only warns: the image is fine with a longer file
+
+
+async def _crop(image: Qcow2Image, start: int, end: int) -> None:
+    """Discard [start, end) for good; the data clusters it freed are then
+    discarded on the file (QEMU passes discards of this kind down always, unlike
+    freed metadata)."""
+    mapped = await _mapped_host_clusters(image, start, end)
+    await image._discard_clusters(start, end - start, full=True)
+    for host in mapped:
+        if await image.get_refcount(host >> image.cluster_bits) == 0:
+            image.pending_discards.append(host)
+    await image.process_discards()
+
+
+async def _mapped_host_clusters(image: Qcow2Image, start: int, end: int) -> list[int]:
+    """The host clusters the L2 entries of [start, end) point to (a compressed
+    entry's every cluster)."""
+    hosts: list[int] = []
+    offset = start
+    while offset < end:
+        chunk = image._table_chunk(offset, end - offset)
+        l2 = await image._l2_for_read(offset)
+        index = image._l2_index(offset)
+        for i in range(image._clusters(chunk) if l2 is not None else 0):
+            entry = image._entry(l2, index + i)
+            kind = image.cluster_kind(entry)
+            if kind in (NORMAL, ZERO_ALLOC):
+                hosts.append(entry & C.L2E_OFFSET_MASK)
+            elif kind == COMPRESSED:
+                first, length = image.compressed_range(entry)
+                hosts.extend(range(first, first + length, image.cluster_size))
+        offset += chunk
+    return hosts
 
 
 async def _shrink_l1(image: Qcow2Image, entries: int) -> None:
@@ -250,6 +283,20 @@ def _resize_storage_class() -> type:
     from qmpjobd.block.drivers.qcow2 import SyncStorage
 
     class ResizeStorage(SyncStorage):
+        async def discard(self, offset: int, length: int) -> None:
+            # The cropped clusters go as QEMU's file driver discards: a punched
+            # hole (zeroes written where the file system cannot punch).
+            from qmpjobd.block.formats.qcow2.storage import passes_discard
+            from qmpjobd.block.node import punch_hole
+
+            if self.host is None or self.node.file_child is not None \
+                    or not passes_discard(self.node):
+                await super().discard(offset, length)
+                return
+            end = min(offset + length, os.fstat(self.host[0]).st_size)
+            if end > offset and not punch_hole(self.host[0], offset, end - offset):
+                await super().discard(offset, length)
+
         async def truncate(self, length: int, preallocation: str = "off") -> None:
             if self.host is None or self.node.file_child is not None:
                 await super().truncate(length, preallocation)
