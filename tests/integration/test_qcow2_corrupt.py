@@ -111,15 +111,15 @@ def play(kind: str, directory: Path, damage: str, commands: tuple[str, ...],
         second = session.command("query-named-block-nodes", {"flat": True})
         session.command("query-version")
         events = [e["data"] for e in session.events if e["event"] == "BLOCK_IMAGE_CORRUPTED"]
-        session.command("blockdev-del", {"node-name": "h"})
-        session.command("blockdev-del", {"node-name": "hf"})
+        deleted = [session.command("blockdev-del", {"node-name": name}) for name in ("h", "hf")]
         reopen = session.command("blockdev-add", {
             "driver": "qcow2", "node-name": "h2",
             "file": {"driver": "file", "filename": "h.qcow2"}})
         session.close()
     after = image.read_bytes()
     changed = [i for i in range(0, len(before), 512) if before[i:i + 512] != after[i:i + 512]]
-    return {"first": first, "second": second, "events": events, "reopen": reopen,
+    return {"first": first, "second": second, "events": events, "deleted": deleted,
+            "reopen": reopen,
             "length": (len(before), len(after)), "changed": changed}
 
 
