@@ -109,8 +109,6 @@ def create_backup_job(actx: ActionContext, action: TxnAction, source: Any, targe
         for node in (source, target):
             if not node.is_inserted():
                 raise QMPError("Device is not inserted: ")
-    # on-cbw-error (11.1) is taken; a copy that fails for a write to the source
-    # fails that write (break-guest-write, the default) in qmpjobd either way.
     job = BackupJob(
         actx.daemon.jobs,
         # Without job-id QEMU uses the BlockBackend name, which qsd nodes never have.
@@ -121,6 +119,8 @@ def create_backup_job(actx: ActionContext, action: TxnAction, source: Any, targe
         bitmap=bitmap,
         bitmap_mode=bitmap_mode,
         filter_node_name=args.get("filter-node-name"),
+        # Only 11.1's schema has it (earlier releases refuse it by name).
+        on_cbw_error=args.get("on-cbw-error"),
         speed=args.get("speed", 0),
         on_source_error=args.get("on-source-error", "report"),
         on_target_error=args.get("on-target-error", "report"),

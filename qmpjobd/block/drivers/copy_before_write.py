@@ -22,7 +22,8 @@ Options of the node (QAPI BlockdevOptionsCbw): ``file``, ``target``, ``bitmap``
 (``{node, name}``: only the clusters dirty in that bitmap are protected and
 readable through the snapshot; the bits are taken at open), ``on-cbw-error``
 (``break-guest-write``: a failed copy fails the write; ``break-snapshot``: the
-write goes on and every later snapshot read fails with EACCES) and
+write goes on, later writes copy nothing and every later snapshot read fails
+with EACCES; a backup job's filter takes the job's ``on-cbw-error``) and
 ``cbw-timeout`` (seconds; a write stops waiting for its copy at that deadline and
 the copy counts as failed, though it goes on in the background).
 """
@@ -228,8 +229,11 @@ class BlockCopyState:
         self._frozen_reads: list[_Copying] = []
         # Called with the bytes of every successful copy (the job's progress).
         self.on_copied: Callable[[int], None] | None = None
-        # Called with (offset, length) when a copy-before-write copy fails.
-        self.on_cbw_failure: Callable[[int, int], None] | None = None
+        # on-cbw-error: break-snapshot lets a write go on when its copy fails
+        # (break-guest-write, the default, fails the write).
+        self.break_snapshot = False
+        # Set by the first failed copy under break-snapshot: from then on writes
+        # copy nothing and snapshot reads fail (QEMU's snapshot_error).
         self.snapshot_broken = False
         self.cbw_timeout_ns = 0
         self.clock: Any = None
@@ -250,6 +254,10 @@ class BlockCopyState:
         start = offset // cs * cs
         end = min(-(-(offset + length) // cs) * cs, -(-self.length // cs) * cs)
         return start, end
+
+    def set_on_cbw_error(self, policy: str | None) -> None:
+        """``on-cbw-error`` of the filter (or of the backup job that made it)."""
+        self.break_snapshot = policy == "break-snapshot"
 
     # --- in-flight bookkeeping --------------------------------------------------------
 
@@ -342,12 +350,13 @@ class BlockCopyState:
                 await self._timed(self.copy_task(run_start, run_start + run_length, zero))
             except OSError:
                 self.release(entry, ok=False)
-                if self.on_cbw_failure is None:
+                if not self.break_snapshot:
                     raise
-                # break-snapshot: the write goes on, the snapshot is lost.
-                self.on_cbw_failure(run_start, run_length)
+                # break-snapshot: the write goes on, the snapshot is lost (a
+                # backup job is not told: it copies what the write leaves). The
+                # write still waits for snapshot reads in flight, as in QEMU.
                 self.snapshot_broken = True
-                return
+                break
             except BaseException:
                 self.release(entry, ok=False)
                 raise
@@ -502,8 +511,7 @@ class CopyBeforeWriteNode(BlockNode):
             status_from_target=who.has(SNAPSHOT_STATUS_FROM_TARGET))
         self.state.clock = self.graph.clock
         self.state.cbw_timeout_ns = int(self.options.get("cbw-timeout", 0)) * 1_000_000_000
-        if self.options.get("on-cbw-error", "break-guest-write") == "break-snapshot":
-            self.state.on_cbw_failure = lambda offset, length: None
+        self.state.set_on_cbw_error(self.options.get("on-cbw-error"))
         bitmap_ref = self.options.get("bitmap")
         if bitmap_ref is not None:
             self._limit_to_bitmap(bitmap_ref)

@@ -155,7 +155,8 @@ class BackupJob(BlockJob):
                  discard_source: bool = False,
                  warn_block_size: "Callable[[int], None] | None" = None,
                  bitmap: Any = None, bitmap_mode: str = "on-success",
-                 filter_node_name: str | None = None) -> None:
+                 filter_node_name: str | None = None,
+                 on_cbw_error: str | None = None) -> None:
         """QEMU's backup_job_create, from its first check to the attached job.
 
         ``bitmap`` (a DirtyBitmap of the source) gets a successor here that records
@@ -199,6 +200,10 @@ class BackupJob(BlockJob):
         # background copy and the copies made for writes to the source take
         # clusters out of the same bitmap.
         self.bcs = BlockCopyState(source, target, cluster_size=cluster_size)
+        # The filter's on-cbw-error (11.1): with break-snapshot a write whose copy
+        # fails goes on, and the job is not told; its clusters stay dirty, so the
+        # job copies them later as the write left them (qsd 11.1 does the same).
+        self.bcs.set_on_cbw_error(on_cbw_error)
         if bitmap is not None and sync == "bitmap":
             self.bcs.limit_to([(offset, length) for offset, length, dirty
                                in bitmap.extents(0, bitmap.size) if dirty])
