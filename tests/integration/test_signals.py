@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -116,6 +117,14 @@ def test_a_job_stuck_in_a_request_does_not_hold_the_exit_past_the_grace_period(t
     assert "Traceback" not in stderr and "Exception" not in stderr
 
 
+def query_block_jobs(client) -> list[dict]:
+    client.send(b'{"execute":"query-block-jobs","id":1}')
+    while True:
+        message = json.loads(client.recv_message())
+        if "event" not in message:
+            return message["return"]
+
+
 @pytest.mark.parametrize("signame", ["SIGUSR1", "SIGPIPE", "SIGALRM"])
 def test_signals_qemu_ignores_change_nothing(signame):
     """The daemon keeps running and its job keeps going, on both daemons."""
@@ -125,10 +134,13 @@ def test_signals_qemu_ignores_change_nothing(signame):
         with DaemonProcess(kind, args) as daemon:
             client = negotiated(daemon.sockets[0])
             Step(backup("b", "s1", "t1", speed=1024)).run(client)
+            # Until the job sleeps in its rate limit (its first chunk may still be
+            # copying on a loaded machine): the state the signal must not change.
+            while query_block_jobs(client)[0]["busy"]:
+                time.sleep(0.01)
             daemon.proc.send_signal(getattr(signal, signame))
             # A round trip after the signal: the daemon handled it (or ignored it).
-            client.send(b'{"execute":"query-block-jobs","id":1}')
-            jobs = json.loads(client.recv_message())["return"]
+            jobs = query_block_jobs(client)
             seen[kind] = ([(job["device"], job["busy"], job["paused"]) for job in jobs],
                           daemon.proc.poll())
     assert seen["qmpjobd"] == seen["qsd"] == ([("b", False, False)], None)
