@@ -67,7 +67,7 @@ async def copy_range(source: BlockNode, src_offset: int, target: BlockNode,
     await target.co_pwrite(dst_offset, data)
 
 
-def _qcow2_image(node: BlockNode):  # -> Qcow2Image | None
+def qcow2_image_on_host(node: BlockNode):  # -> Qcow2Image | None
     """The image of a qcow2 node whose clusters live in a plain host file."""
     if node.driver != "qcow2":
         return None
@@ -86,10 +86,10 @@ async def _copy_into_qcow2(source: BlockNode, src_offset: int, target: BlockNode
     refcounts, data, L2 entries, old clusters freed), so what gets allocated is
     what a plain write allocates; only the data moves host file to host file.
     False when this pair or range does not qualify (nothing done then)."""
-    image = _qcow2_image(target)
+    image = qcow2_image_on_host(target)
     if image is None or image.read_only or image.unusable:
         return False
-    if _interposed(source) or _interposed(target):
+    if interposed(source) or interposed(target):
         return False
     cluster = image.cluster_size
     if dst_offset % cluster or length % cluster or not length:
@@ -100,10 +100,10 @@ async def _copy_into_qcow2(source: BlockNode, src_offset: int, target: BlockNode
         fd, base = host
         pieces = [(fd, base + src_offset, length)]
     else:
-        source_image = _qcow2_image(source)
+        source_image = qcow2_image_on_host(source)
         if source_image is None or source_image is image:
             return False
-        runs = await _pinned_runs(source_image, src_offset, length)
+        runs = await host_runs(source_image, src_offset, length)
         if runs is None:
             return False
         fd, base = source.children["file"].host_file()   # type: ignore[misc]
@@ -118,13 +118,14 @@ async def _copy_into_qcow2(source: BlockNode, src_offset: int, target: BlockNode
     return True
 
 
-def _interposed(node: BlockNode) -> bool:
+def interposed(node: BlockNode) -> bool:
     """A request hook set on the node itself (test-control I/O faults shadow
     co_pread/co_pwrite/host_file): its requests must go the ordinary way."""
     return any(name in vars(node) for name in ("co_pread", "co_pwrite", "host_file"))
 
 
-async def _pinned_runs(image, offset: int, length: int) -> list[tuple[int, int]] | None:
+async def host_runs(image, offset: int, length: int) -> list[tuple[int, int]] | None:
+    """``image.pin_host_runs`` (the caller unpins), its failures marked as reads."""
     try:
         return await image.pin_host_runs(offset, length)
     except OSError as exc:
@@ -140,7 +141,7 @@ def kernel_copy_exact(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int
     if copied is None:
         copied = _plain_copy(src_fd, src_offset, dst_fd, dst_offset, length)
     if copied < length:
-        _write_all(dst_fd, bytes(length - copied), dst_offset + copied)
+        write_all(dst_fd, bytes(length - copied), dst_offset + copied)
 
 
 def _plain_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
@@ -156,14 +157,14 @@ def _plain_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
         if not data:
             break
         try:
-            _write_all(dst_fd, data, dst_offset + done)
+            write_all(dst_fd, data, dst_offset + done)
         except OSError as exc:
             raise io_error(exc.errno or errno.EIO) from None
         done += len(data)
     return done
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
+def write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

@@ -11,13 +11,42 @@ returning data).
 What is copied: an extent the child's own layer does not hold, but a layer down to
 ``bottom`` does. Extents that read as zeroes are written as zero writes (a qcow2
 child gets zero clusters), others as data, as QEMU's copy-on-read does.
+
+How (populate only; a guest read still reads, then writes what it read): an extent
+the qcow2 layers below know to be zeroes is zero-written without reading it; data
+clusters of a qcow2 layer on a host file go into a qcow2 child in one thread-pool
+task that reads them, checks for zeroes and writes them (``CheckedCopy``: the
+child's write path allocates as for the same bytes, or makes zero clusters).
+Nodes with test-control request hooks always get the plain read and write.
 """
 
 from __future__ import annotations
 
-from qmpjobd.block.formats.qcow2.backing import UNALLOCATED, cow_child, layer_status, status_in_layers
+from dataclasses import dataclass
+
+from qmpjobd.block.formats.qcow2.backing import (
+    UNALLOCATED,
+    cow_child,
+    is_qcow2,
+    layer_status,
+    skip_filters,
+)
+from qmpjobd.block.formats.qcow2.storage import CheckedCopy, is_zero
 from qmpjobd.block.node import BlockNode
+from qmpjobd.block.offload import host_runs, interposed, qcow2_image_on_host
 from qmpjobd.errors import QMPError
+
+
+@dataclass
+class _Below:
+    """What the layers under the filter's child answer for a range."""
+
+    kind: str
+    count: int
+    node: BlockNode | None         # the layer that answered
+    zeroes: bool                   # reads as zeroes without any file I/O
+    plain: bool = False            # every read on the way is an unhooked qcow2 read
+    copy: bool = True              # the extent needs copying into the child
 
 
 class CopyOnReadNode(BlockNode):
@@ -56,6 +85,31 @@ class CopyOnReadNode(BlockNode):
         """Copy what [offset, offset+length) needs copying, reading nothing else."""
         await self._read(offset, length, want_data=False)
 
+    def extent_below(self, offset: int, length: int) -> "_Below":
+        """For a range the child's own layer does not hold (block-stream asked):
+        what the layers below answer for its first extent; nothing needs
+        copying when that is unallocated down to ``bottom``."""
+        below = self._below(self.children["file"], offset, length)
+        # With a bottom, only what the chain holds down to it is copied.
+        below.copy = self.bottom is None or below.kind != UNALLOCATED
+        return below
+
+    async def copy_extent(self, offset: int, below: "_Below") -> None:
+        """Copy the extent ``extent_below`` found (populate's work for it)."""
+        await self._copy_extent(self.children["file"], offset, below)
+
+    async def _copy_extent(self, child: BlockNode, offset: int, below: "_Below") -> None:
+        """Copy one extent the child lacks, the cheapest way that writes what
+        QEMU's copy-on-read writes."""
+        count = below.count
+        if below.zeroes:
+            # The chain reads as zeroes here without touching a file (zero or
+            # unallocated qcow2 clusters): what the read would return is
+            # known, so the zero write goes out without it.
+            await child.co_pwrite_zeroes(offset, count)
+        elif not await self._copy_host_data(child, offset, count, below):
+            await self._copy_into_child(child, offset, await child.co_pread(offset, count))
+
     async def _read(self, offset: int, length: int, *, want_data: bool) -> bytes:
         child = self.children["file"]
         pieces: list[bytes] = []
@@ -63,12 +117,14 @@ class CopyOnReadNode(BlockNode):
         while offset < end:
             kind, count = layer_status(child, offset, end - offset)
             count = min(count, end - offset)
-            copy = kind == UNALLOCATED
-            if copy and self.bottom is not None:
-                # Only what the chain holds down to bottom is copied.
-                below, count = status_in_layers(cow_child(child), self.bottom, offset, count)
-                copy = below != UNALLOCATED
-            if copy:
+            below = None
+            if kind == UNALLOCATED:
+                below = self.extent_below(offset, count)
+                count = below.count
+            copy = below is not None and below.copy
+            if copy and not want_data:
+                await self._copy_extent(child, offset, below)
+            elif copy:
                 data = await child.co_pread(offset, count)
                 await self._copy_into_child(child, offset, data)
                 if want_data:
@@ -78,9 +134,63 @@ class CopyOnReadNode(BlockNode):
             offset += count
         return b"".join(pieces)
 
+    def _below(self, child: BlockNode, offset: int, count: int) -> "_Below":
+        """What the layers under ``child`` (down to ``bottom``, or the whole chain)
+        hold at ``offset``: the first answer that is not unallocated, the length
+        it covers, the layer that gave it, and whether every read on the way is
+        a plain qcow2 read of the full range (no request hook, no layer that
+        ends early), so that zeroes are known without a read."""
+        node = skip_filters(cow_child(child))
+        last = skip_filters(self.bottom)
+        quiet = not interposed(child)
+        while node is not None:
+            if not is_qcow2(node) or interposed(node) or node.size < offset + count:
+                quiet = False
+            kind, n = layer_status(node, offset, count)
+            count = min(count, n)
+            if kind != UNALLOCATED:
+                return _Below(kind, count, node, quiet and kind == "zero", quiet)
+            if node is last:
+                break
+            node = cow_child(node)
+        # Unallocated down to the end of the chain reads as zeroes; down to a
+        # bottom with more below it, nothing is copied anyway.
+        return _Below(UNALLOCATED, count, None, quiet and node is None)
+
+    @staticmethod
+    async def _copy_host_data(child: BlockNode, offset: int, count: int,
+                              below: "_Below") -> bool:
+        """Data clusters of a qcow2 layer copied into a qcow2 child in one
+        thread-pool task (read, zero check, write; the child's write path
+        allocates and links the clusters as for the same bytes, or makes zero
+        clusters when they read as zeroes). False when this range does not
+        qualify: nothing was done then."""
+        source = below.node
+        if below.kind != "data" or not below.plain or source is None:
+            return False
+        image = qcow2_image_on_host(child)
+        source_image = qcow2_image_on_host(source)
+        if image is None or source_image is None or image is source_image \
+                or image.read_only or image.unusable or interposed(child) or interposed(source):
+            return False
+        table_span = image.cluster_size * image.l2_entries
+        if offset % image.cluster_size or count % image.cluster_size \
+                or offset // table_span != (offset + count - 1) // table_span:
+            return False       # the zero decision must cover the whole range
+        runs = await host_runs(source_image, offset, count)
+        if runs is None:
+            return False
+        fd, base = source.children["file"].host_file()   # type: ignore[misc]
+        try:
+            await child.co_pwrite(offset, CheckedCopy(  # type: ignore[arg-type]
+                [(fd, base + at, length) for at, length in runs]))
+        finally:
+            source_image.unpin_host_runs()
+        return True
+
     @staticmethod
     async def _copy_into_child(child: BlockNode, offset: int, data: bytes) -> None:
-        if data.count(0) != len(data):
+        if not is_zero(data):
             await child.co_pwrite(offset, data)
         else:
             await child.co_pwrite_zeroes(offset, len(data))

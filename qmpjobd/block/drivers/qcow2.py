@@ -24,14 +24,7 @@ from typing import Any, Coroutine
 from qmpjobd.block.activation import check_child_attach
 from qmpjobd.block.formats.qcow2 import bitmaps as qcow2_bitmaps
 from qmpjobd.block.formats.qcow2 import constants as C
-from qmpjobd.block.formats.qcow2.image import (
-    COMPRESSED,
-    CorruptionError,
-    NORMAL,
-    UNALLOCATED,
-    Options,
-    Qcow2Image,
-)
+from qmpjobd.block.formats.qcow2.image import CorruptionError, Options, Qcow2Image
 from qmpjobd.block.formats.qcow2.storage import NodeStorage
 from qmpjobd.block.node import BlockNode, io_error
 from qmpjobd.block.permissions import check_new_parent
@@ -41,11 +34,24 @@ _ABSENT = object()
 _L2_ENTRY = struct.Struct(">Q")
 
 
-def _kind_name(kind: int) -> str:
-    """Block status's name for a cluster kind of the image."""
-    if kind in (NORMAL, COMPRESSED):
-        return "data"
-    return "unallocated" if kind == UNALLOCATED else "zero"
+_KIND_MASK = C.OFLAG_COMPRESSED | C.OFLAG_ZERO | C.L2E_OFFSET_MASK
+
+
+def _entry_kind_name(entry: int) -> str:
+    """Block status's name for the kind of cluster an L2 entry describes."""
+    if entry & (C.OFLAG_COMPRESSED | C.OFLAG_ZERO) == C.OFLAG_ZERO:
+        return "zero"
+    return "data" if entry & _KIND_MASK else "unallocated"
+
+
+def _first_other_kind(table: bytes | bytearray, first: int, count: int, kind: str) -> int:
+    """How many of the ``count`` entries from ``first`` on are of ``kind``
+    (the index, relative to ``first``, of the first one that is not)."""
+    view = memoryview(table)[first * 8:(first + count) * 8]
+    for i, (entry,) in enumerate(_L2_ENTRY.iter_unpack(view)):
+        if _entry_kind_name(entry) != kind:
+            return i
+    return count
 
 
 def run_now(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -153,8 +159,15 @@ class Qcow2Node(BlockNode):
         self.image = image
         self.size = image.size
         qcow2_bitmaps.on_open(self)
+        image.backing = None
+
+    def open_backing(self) -> bool:
+        """The second step of opening, which the graph runs once the format is open
+        (QEMU's bdrv_open_backing_file); True when a backing child was attached."""
         self._open_backing()
-        image.backing = self._read_backing if self.backing_node() is not None else None
+        assert self.image is not None
+        self.image.backing = self._read_backing if self.backing_node() is not None else None
+        return self.image.backing is not None
 
     def _refuse_options(self) -> None:
         if "encrypt" in self.options:
@@ -205,6 +218,14 @@ class Qcow2Node(BlockNode):
 
     def _open_inline_backing(self, options: dict) -> BlockNode:
         options.setdefault("read-only", True)
+        header = self.image.header if self.image is not None else None
+        if isinstance(options.get("file"), str) and getattr(header, "backing_file", None):
+            # bdrv_open_backing_file hands the header's backing name to the backing's
+            # open as its file's filename, which a file given by reference refuses
+            # (and the half-made backing node is dropped again).
+            self.graph.graph_changes("close")
+            raise QMPError("Could not open backing file: Cannot reference an existing block "
+                           "device with additional options or a new filename")
         try:
             return self.graph._open_tree(options)
         except QMPError as exc:
@@ -328,17 +349,15 @@ class Qcow2Node(BlockNode):
         image = self._require_image()
         if image.unusable:
             raise io_error(errno.ENOMEDIUM)
-        cs = image.cluster_size
+        end = min(offset + length, image.size)
         try:
-            kind = self._kind_at(image, offset)
+            kind, pos = self._run_from(image, offset, end, strict=False)
         except CorruptionError as exc:
             # Block status meets damaged tables like a read does.
             self.run_metadata_operation(
                 lambda img: img.signal_corruption(exc.fatal, exc.corrupt_offset,
                                                   exc.corrupt_size, exc.message))
             raise io_error(errno.EIO) from None
-        end = min(offset + length, image.size)
-        pos = self._same_kind_end(image, (offset // cs + 1) * cs, end, kind)
         count = max(1, min(pos, end) - offset)
         if kind == "unallocated":
             backing = self.backing_node()
@@ -347,24 +366,64 @@ class Qcow2Node(BlockNode):
             return backing.block_status(offset, min(count, backing.size - offset))
         return (kind, count)
 
-    def _same_kind_end(self, image: Qcow2Image, pos: int, end: int, kind: str) -> int:
+    def layer_status(self, offset: int, length: int) -> tuple[str, int]:
+        """This image's own answer for the run of clusters like the one at
+        ``offset`` (no backing consulted): ``data``, ``zero`` or ``unallocated``,
+        and the run's length within [offset, offset+length) (at least 1).
+        Damaged tables met on the way raise, as a lookup per cluster would."""
+        image = self._require_image()
+        end = min(offset + length, image.size)
+        if offset >= end:
+            return "unallocated", max(length, 1)
+        kind, pos = self._run_from(image, offset, end, strict=True)
+        return kind, max(1, min(pos, end) - offset)
+
+    def _run_from(self, image: Qcow2Image, offset: int, end: int,
+                  strict: bool) -> tuple[str, int]:
+        """The kind of the cluster at ``offset`` and where the run of its kind
+        ends (see _same_kind_end), with one table lookup for both when the
+        table is cached. Damaged tables at ``offset`` raise CorruptionError."""
+        cs = image.cluster_size
+        start = offset - offset % cs
+        l2_offset = image.l2_table_offset(offset)
+        table = image.l2_cache.lookup(l2_offset) if l2_offset else None
+        if table is None:
+            kind = self._kind_at(image, offset)     # reads the table, or none there
+            return kind, self._same_kind_end(image, start + cs, end, kind, strict)
+        table_span = cs * image.l2_entries
+        table_end = min(end, (offset // table_span + 1) * table_span)
+        count = max(1, -(-(table_end - start) // cs))
+        first = (offset // cs) % image.l2_entries
+        kind = _entry_kind_name(_L2_ENTRY.unpack_from(table, first * 8)[0])
+        same = 1 + _first_other_kind(table, first + 1, count - 1, kind)
+        pos = start + same * cs
+        if same == count and pos < end:
+            pos = self._same_kind_end(image, pos, end, kind, strict)
+        return kind, pos
+
+    def _same_kind_end(self, image: Qcow2Image, pos: int, end: int, kind: str,
+                       strict: bool = False) -> int:
         """Where the run of ``kind`` clusters going on at cluster-aligned ``pos``
         ends (``end`` at most, give or take the last cluster): a cached L2 table is
         scanned in one pass instead of one cache lookup per cluster (block status
-        is asked for every chunk a job copies)."""
+        is asked for every chunk a job copies). Damaged tables end the run, or
+        raise when ``strict``."""
         cs = image.cluster_size
         table_span = cs * image.l2_entries
+        kind_at = self._kind_at if strict else self._kind_at_or_none
         while pos < end:
             table_end = min(end, (pos // table_span + 1) * table_span)
             try:
                 l2_offset = image.l2_table_offset(pos)
             except CorruptionError:
+                if strict:
+                    raise
                 return pos
             table = image.l2_cache.lookup(l2_offset) if l2_offset else None
             if table is None:
                 if l2_offset:
                     # Not cached: cluster by cluster (the first one reads it).
-                    while pos < table_end and self._kind_at_or_none(image, pos) == kind:
+                    while pos < table_end and kind_at(image, pos) == kind:
                         pos += cs
                     if pos < table_end:
                         return pos
@@ -374,10 +433,9 @@ class Qcow2Node(BlockNode):
                 continue
             first = (pos // cs) % image.l2_entries
             count = -(-(table_end - pos) // cs)
-            entries = _L2_ENTRY.iter_unpack(memoryview(table)[first * 8:(first + count) * 8])
-            for i, (entry,) in enumerate(entries):
-                if _kind_name(image.cluster_kind(entry)) != kind:
-                    return pos + i * cs
+            other = _first_other_kind(table, first, count, kind)
+            if other < count:
+                return pos + other * cs
             pos += count * cs
         return pos
 
@@ -399,12 +457,7 @@ class Qcow2Node(BlockNode):
                                                                      image.cluster_size))
             image.remember_l2(l2_offset, table)
             entry = image.entry_from(table, offset)
-        kind = image.cluster_kind(entry)
-        if kind in (NORMAL, COMPRESSED):
-            return "data"
-        if kind == UNALLOCATED:
-            return "unallocated"
-        return "zero"
+        return _entry_kind_name(entry)
 
     def can_write_zeroes_with_unmap(self) -> bool:
         return self.discard_unmap

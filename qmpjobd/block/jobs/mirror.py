@@ -46,6 +46,7 @@ from qmpjobd.block.formats.qcow2.backing import (
     UNALLOCATED,
     cow_child,
     find_overlay,
+    is_qcow2,
     layer_status,
     status_in_layers,
 )
@@ -164,6 +165,21 @@ def _zeroes_come_from_backing(target: "BlockNode", offset: int, length: int) -> 
     return kind == UNALLOCATED
 
 
+def _reads_as_zeroes(node: "BlockNode", length: int) -> bool:
+    """The node's block status says zeroes for all of [0, length) (QEMU's
+    bdrv_co_is_all_zeroes at the start of a mirror)."""
+    offset = 0
+    while offset < length:
+        try:
+            kind, count = node.block_status(offset, length - offset)
+        except OSError:
+            return False          # damaged: the copy meets it itself
+        if kind != "zero":
+            return False
+        offset += max(count, 1)
+    return True
+
+
 class MirrorJob(BlockJob):
     """``blockdev-mirror`` / ``drive-mirror`` job (type ``mirror``)."""
 
@@ -174,6 +190,7 @@ class MirrorJob(BlockJob):
                  "_source_drained", "_in_drain", "_errors_seen", "filter",
                  "source_backing_chain", "copy_mode", "actively_synced",
                  "reports_actively_synced", "target_is_zero", "copy_above",
+                 "target_was_zero",
                  "_pivoted_source", "frozen_links")
 
     job_type = "mirror"
@@ -233,6 +250,8 @@ class MirrorJob(BlockJob):
         self.reports_actively_synced = reports_actively_synced
         # The caller promises the target reads as zeroes: never write zeroes.
         self.target_is_zero = target_is_zero
+        # Whether the target read as zeroes when the copy began (set in run).
+        self.target_was_zero = False
         # The lowest layer whose data counts as the source's (QEMU's base of
         # bdrv_is_allocated_above in mirror_dirty_init); None: the whole chain.
         self.copy_above = _lowest_copied_layer(source, sync, copy_base)
@@ -351,6 +370,8 @@ class MirrorJob(BlockJob):
                     return failure
         elif self.target.size != self.length:
             raise QMPError("Source and target image have different sizes")
+        self.target_was_zero = is_qcow2(self.target) and _reads_as_zeroes(self.target,
+                                                                          self.length)
         if self.sync != "none" and self.length:
             await self._dirty_init()
         while True:
@@ -528,7 +549,10 @@ class MirrorJob(BlockJob):
             # writer): QEMU skips the request altogether.
             return
         kind, count = self.target.block_status(offset, length)
-        if kind == "zero" and count >= length:
+        # A target that held data when the job began gets every zero request
+        # (QEMU skips them only where it knows the target is zero).
+        known_zero = self.target_was_zero or not is_qcow2(self.target)
+        if kind == "zero" and count >= length and known_zero:
             if _zeroes_come_from_backing(self.target, offset, length):
                 # An overlay must record the zeroes itself (zero clusters).
                 await self.target.co_pwrite_zeroes(offset, length)
@@ -536,6 +560,12 @@ class MirrorJob(BlockJob):
             # Nothing to change, but QEMU still sends the request down the chain.
             self.target.chain_write_started(offset, length)
             self.target.chain_write_finished(offset, length)
+            return
+        if is_qcow2(self.target):
+            # QEMU's zero request with MAY_UNMAP (the mirror's unmap=true; the
+            # node drops it unless opened with discard=unmap): zero clusters
+            # replace the data, none is written.
+            await self.target.co_pwrite_zeroes(offset, length, may_unmap=True)  # type: ignore[call-arg]
             return
         await self.target.co_pwrite(offset, bytes(length))
 

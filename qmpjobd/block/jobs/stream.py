@@ -37,7 +37,6 @@ from qmpjobd.block.formats.qcow2.backing import (
     layer_status,
     relink_backing,
     skip_filters,
-    status_in_layers,
 )
 from qmpjobd.block.graph import freeze_chain, unfreeze_links
 from qmpjobd.block.jobs.base import BlockJob
@@ -174,15 +173,16 @@ class StreamJob(BlockJob):
         kind, count = layer_status(self.device, offset, size)
         if kind != UNALLOCATED:
             return count, False, 0
-        below, count = status_in_layers(cow_child(self.device), self.base_overlay,
-                                        offset, count)
-        if below == UNALLOCATED:
-            return count, False, 0
+        # What the layers down to the base's overlay hold decides; the filter
+        # copies it as its populate would (one look at those layers for both).
+        below = self.filter.extent_below(offset, count)
+        if not below.copy:
+            return below.count, False, 0
         try:
-            await self.filter.populate(offset, count)
+            await self.filter.copy_extent(offset, below)
         except OSError as exc:
-            return count, True, exc.errno or errno.EIO
-        return count, True, 0
+            return below.count, True, exc.errno or errno.EIO
+        return below.count, True, 0
 
     # ------------------------------------------------------------------ finish
 

@@ -59,8 +59,9 @@ def change_backing_file(node: "BlockNode", name: str | None, fmt: str | None) ->
     try:
         cluster = header.pack()
         storage = SyncStorage(node.children["file"])
+        # Written, not flushed: QEMU's qcow2_update_header does no flush either
+        # (the header reaches the disk with the node's next flush or close).
         run_now(storage.pwrite(0, cluster))
-        run_now(storage.flush())
     except (OSError, QMPError):
         header.backing_file, header.backing_format = old
         raise
@@ -116,21 +117,8 @@ def layer_status(node: "BlockNode", offset: int, length: int) -> tuple[str, int]
         # BDRV_BLOCK_ALLOCATED for every extent of them).
         kind, count = below.block_status(offset, length)
         return ("zero" if kind == "zero" else "data"), max(count, 1)
-    image = below.image  # type: ignore[attr-defined]
-    end = min(offset + length, image.size)
-    if offset >= end:
-        return UNALLOCATED, max(length, 1)
-    cluster = image.cluster_size
-    kind = _kind(below, offset)
-    pos = (offset // cluster + 1) * cluster
-    while pos < end and _kind(below, pos) == kind:
-        pos += cluster
-    return kind, max(1, min(pos, end) - offset)
-
-
-def _kind(node: "BlockNode", offset: int) -> str:
-    # The qcow2 driver's per-cluster answer: "data", "zero" or "unallocated".
-    return node._kind_at(node.image, offset)  # type: ignore[attr-defined]
+    # The qcow2 driver scans its L2 tables: "data", "zero" or "unallocated".
+    return below.layer_status(offset, length)  # type: ignore[attr-defined]
 
 
 def status_in_layers(first: "BlockNode | None", last: "BlockNode | None",

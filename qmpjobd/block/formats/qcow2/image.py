@@ -51,12 +51,14 @@ from qmpjobd.block.formats.qcow2 import constants as C
 from qmpjobd.block.formats.qcow2.cache import TableCache
 from qmpjobd.block.formats.qcow2.header import Header, Qcow2OpenError, header_cluster_bits, parse_header
 from qmpjobd.block.formats.qcow2.refcount import (
+    free_run_in_block,
     get_refcount,
+    increase_refcounts,
     refcount_max,
     refcount_metadata_clusters,
     set_refcount,
 )
-from qmpjobd.block.formats.qcow2.storage import HostCopy, Storage
+from qmpjobd.block.formats.qcow2.storage import CheckedCopy, HostCopy, Storage
 
 _U64 = struct.Struct(">Q")
 
@@ -391,7 +393,6 @@ class Qcow2Image:
     def check_overlap(self, offset: int, length: int, ignore: int) -> None:
         """QEMU's pre-write overlap check ("cached" set): CorruptionError naming the
         first kind of metadata that [offset, offset+length) would overwrite."""
-        from qmpjobd.block.formats.qcow2 import snapshot as S
         if length <= 0:
             return
         clusters = self._overlap_clusters
@@ -413,6 +414,7 @@ class Qcow2Image:
                 hit |= bit
         hit &= ~ignore
         if hit:
+            from qmpjobd.block.formats.qcow2 import snapshot as S
             lowest = (hit & -hit).bit_length() - 1
             raise CorruptionError("Preventing invalid write on metadata (overlaps with "
                                   f"{S.OVERLAP_NAMES[lowest]})", offset, length)
@@ -482,12 +484,30 @@ class Qcow2Image:
                             self.refcount_order)
 
     async def _alloc_clusters_noref(self, count: int) -> int:
-        """First fit: the index of ``count`` free clusters from the cursor on."""
+        """First fit: the index of ``count`` free clusters from the cursor on.
+
+        The cursor moves as a cluster-by-cluster walk would move it (to the end
+        of the run found), but each refcount block is searched in one pass."""
         found = 0
+        entries = self.refcount_block_entries
         while found < count:
             index = self.free_cluster_index
-            self.free_cluster_index += 1
-            found = found + 1 if await self.get_refcount(index) == 0 else 0
+            first = index & (entries - 1)
+            try:
+                block_offset = self._reftable_block(index >> self.refcount_block_bits)
+            except CorruptionError:
+                self.free_cluster_index = index + 1   # the walk got this far
+                raise
+            if not block_offset:
+                # No refcount block: every cluster it would count is free.
+                take = min(count - found, entries - first)
+                found += take
+                self.free_cluster_index = index + take
+                continue
+            self.free_cluster_index = index + 1       # the walk's step before its read
+            block = await self._cache_get(self.refcount_cache, block_offset)
+            end, found = free_run_in_block(block, self.refcount_order, first, found, count)
+            self.free_cluster_index = index - first + end
         if (self.free_cluster_index - 1) > (C.MAX_CLUSTER_OFFSET >> self.cluster_bits):
             raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         return self.free_cluster_index - count
@@ -547,6 +567,9 @@ class Qcow2Image:
         cluster_offset = start
         old_table_index = -1
         block_offset = 0
+        delta = -addend if decrease else addend
+        order = self.refcount_order
+        entries_mask = self.refcount_block_entries - 1
         try:
             while cluster_offset <= last:
                 cluster_index = cluster_offset >> self.cluster_bits
@@ -561,21 +584,28 @@ class Qcow2Image:
                 old_table_index = table_index
                 block = await self._cache_get(self.refcount_cache, block_offset)
                 self.refcount_cache.mark_dirty(block_offset)
-                index = cluster_index & (self.refcount_block_entries - 1)
-                refcount = get_refcount(block, index, self.refcount_order)
-                refcount = refcount - addend if decrease else refcount + addend
-                if refcount < 0 or refcount > self.refcount_max:
-                    raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-                set_refcount(block, index, self.refcount_order, refcount)
-                if refcount == 0:
-                    if snapshot_discard:
-                        self.pending_discards.append(cluster_offset)
-                    self.free_cluster_index = min(self.free_cluster_index, cluster_index)
-                    # A freed table's cached copy must never be written back.
-                    if cluster_offset != block_offset:
-                        self.refcount_cache.discard(cluster_offset)
-                    self.l2_cache.discard(cluster_offset)
-                cluster_offset += self.cluster_size
+                # The clusters this block counts, without awaiting in between.
+                block_last = min(last, ((table_index + 1) << (self.refcount_block_bits
+                                                              + self.cluster_bits)) - 1)
+                if not decrease and addend > 0:
+                    # An increase frees nothing: the block's range in one step.
+                    first = (cluster_offset >> self.cluster_bits) & entries_mask
+                    count = ((block_last - cluster_offset) >> self.cluster_bits) + 1
+                    done = increase_refcounts(block, order, first, count, addend,
+                                              self.refcount_max)
+                    cluster_offset += done << self.cluster_bits
+                    if done < count:
+                        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+                    continue
+                while cluster_offset <= block_last:
+                    index = (cluster_offset >> self.cluster_bits) & entries_mask
+                    refcount = get_refcount(block, index, order) + delta
+                    if refcount < 0 or refcount > self.refcount_max:
+                        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+                    set_refcount(block, index, order, refcount)
+                    if refcount == 0:
+                        self._cluster_freed(cluster_offset, block_offset, snapshot_discard)
+                    cluster_offset += self.cluster_size
         except BaseException:
             # Undo what this call changed (QEMU does the same), then report.
             try:
@@ -583,6 +613,18 @@ class Qcow2Image:
             except (OSError, _Again):
                 pass
             raise
+
+    def _cluster_freed(self, cluster_offset: int, block_offset: int,
+                       snapshot_discard: bool) -> None:
+        """A cluster's refcount reached 0 (``block_offset``: the block counting it)."""
+        if snapshot_discard:
+            self.pending_discards.append(cluster_offset)
+        self.free_cluster_index = min(self.free_cluster_index,
+                                      cluster_offset >> self.cluster_bits)
+        # A freed table's cached copy must never be written back.
+        if cluster_offset != block_offset:
+            self.refcount_cache.discard(cluster_offset)
+        self.l2_cache.discard(cluster_offset)
 
     async def _alloc_refcount_block(self, cluster_index: int) -> int:
         """The refcount block for ``cluster_index``; allocates one (raising _Again
@@ -856,18 +898,19 @@ class Qcow2Image:
         if kind == COMPRESSED or l2 is None:
             return min(limit, cluster_end) if l2 is not None else limit
         host = entry & C.L2E_OFFSET_MASK
-        pos = cluster_end
+        cs = self.cluster_size
+        more = -(-(limit - cluster_end) // cs) if limit > cluster_end else 0
+        zero_kinds = (ZERO_PLAIN, ZERO_ALLOC)
+        kind_of = self.cluster_kind
         step = 1
-        while pos < limit:
-            nxt = self._entry(l2, index + step)
-            nkind = self.cluster_kind(nxt)
-            if nkind != kind and not ({nkind, kind} <= {ZERO_PLAIN, ZERO_ALLOC}):
+        for nxt in _entries(l2, index + 1, more):
+            nkind = kind_of(nxt)
+            if nkind != kind and not (nkind in zero_kinds and kind in zero_kinds):
                 break
-            if kind == NORMAL and (nxt & C.L2E_OFFSET_MASK) != host + step * self.cluster_size:
+            if kind == NORMAL and (nxt & C.L2E_OFFSET_MASK) != host + step * cs:
                 break
-            pos += self.cluster_size
             step += 1
-        return min(pos, limit)
+        return min(cluster_end + (step - 1) * cs, limit)
 
     async def _read_run(self, kind: int, entry: int, offset: int, length: int) -> bytes:
         if kind == NORMAL:
@@ -942,6 +985,9 @@ class Qcow2Image:
             part = data[pos - offset:run_end - offset]
             if in_place:
                 host = (entry & C.L2E_OFFSET_MASK) + self._offset_in_cluster(pos)
+                if isinstance(part, CheckedCopy):
+                    # Clusters the image holds already get the bytes, zero or not.
+                    part = HostCopy(part.pieces)
                 # The caller's buffer as is: a copy would cost a memcpy per request.
                 if release:
                     self.check_overlap(host, len(part), 0)
@@ -999,18 +1045,18 @@ class Qcow2Image:
         in need of new clusters."""
         first = self._entry(l2, index)
         host = first & C.L2E_OFFSET_MASK
-        run = self._start_of_cluster(pos) + self.cluster_size
+        cs = self.cluster_size
+        run = self._start_of_cluster(pos) + cs
+        more = -(-(end - run) // cs) if end > run else 0
         step = 1
-        while run < end:
-            entry = self._entry(l2, index + step)
+        for entry in _entries(l2, index + 1, more):
             this_in_place = self.cluster_kind(entry) == NORMAL and bool(entry & C.OFLAG_COPIED)
             if this_in_place != in_place:
                 break
-            if in_place and (entry & C.L2E_OFFSET_MASK) != host + step * self.cluster_size:
+            if in_place and (entry & C.L2E_OFFSET_MASK) != host + step * cs:
                 break
-            run += self.cluster_size
             step += 1
-        return min(run, end)
+        return min(run + (step - 1) * cs, end)
 
     async def _write_allocating(self, l2_offset: int, l2: bytearray, pos: int,
                                 part: memoryview, release: bool = False) -> None:
@@ -1021,12 +1067,15 @@ class Qcow2Image:
         last_end = self._start_of_cluster(end - 1) + self.cluster_size
         count = (last_end - first_cluster) >> self.cluster_bits
         index = self._l2_index(pos)
-        old_entries = [self._entry(l2, index + i) for i in range(count)]
-        head = await self._cluster_content(old_entries[0], first_cluster, 0,
-                                           pos - first_cluster)
+        old_entries = _entries(l2, index, count)
+        head = tail = b""
+        if pos > first_cluster:
+            head = await self._cluster_content(old_entries[0], first_cluster, 0,
+                                               pos - first_cluster)
         tail_cluster = last_end - self.cluster_size
-        tail = await self._cluster_content(old_entries[-1], tail_cluster,
-                                           end - tail_cluster, self.cluster_size)
+        if end < last_end:
+            tail = await self._cluster_content(old_entries[-1], tail_cluster,
+                                               end - tail_cluster, self.cluster_size)
         host = await self.alloc_clusters(count * self.cluster_size)
         # QEMU checks the guest data's part (its clusters hold the COW parts too).
         self.check_overlap(host + len(head), len(part), 0)
@@ -1037,18 +1086,44 @@ class Qcow2Image:
         payload = head + bytes(part) + tail if head or tail else part
         if release:
             await self._data_without_lock(host, payload, (first_cluster, last_end))
-            # The table may have moved meanwhile (copied for a snapshot).
-            l2_offset, l2 = await self._l2_for_write(pos)
         else:
             await self._put(host, payload)
+        if isinstance(payload, CheckedCopy) and payload.zero:
+            # Copy-on-read data that reads as zeroes: a zero write instead, as
+            # QEMU's copy-on-read makes it; the clusters go back unused.
+            await self._unallocate(host, count)
+            await self._zeroize(pos, len(part), may_unmap=False)
+            return
+        if release:
+            # The table may have moved meanwhile (copied for a snapshot).
+            l2_offset, l2 = await self._l2_for_write(pos)
         self.data_since_flush = True
         await self._set_dependency(self.l2_cache, self.refcount_cache)
         l2 = await self._cache_get(self.l2_cache, l2_offset)
-        for i in range(count):
-            self._set_entry(l2, index + i, (host + i * self.cluster_size) | C.OFLAG_COPIED)
+        cs = self.cluster_size
+        _entries_struct(count).pack_into(
+            l2, index * 8, *[(host + i * cs) | C.OFLAG_COPIED for i in range(count)])
         self.l2_cache.mark_dirty(l2_offset)
         for old in old_entries:
-            await self._release_entry(old)
+            # Unallocated and plain zero entries held no reference.
+            if old & (C.OFLAG_COMPRESSED | C.L2E_OFFSET_MASK):
+                await self._release_entry(old)
+
+    async def _unallocate(self, host: int, count: int) -> None:
+        """Give back ``count`` clusters just allocated at ``host`` that no table
+        ever pointed to: their refcounts drop to 0 again and the free cursor
+        returns, without the ordering a free needs (no L2 entry, cached or on
+        disk, names them; on disk they are at worst leaked)."""
+        for i in range(count):
+            cluster_offset = host + i * self.cluster_size
+            cluster_index = cluster_offset >> self.cluster_bits
+            block_offset = self._reftable_block(cluster_index >> self.refcount_block_bits)
+            block = await self._cache_get(self.refcount_cache, block_offset)
+            index = cluster_index & (self.refcount_block_entries - 1)
+            set_refcount(block, index, self.refcount_order,
+                         get_refcount(block, index, self.refcount_order) - 1)
+            self.refcount_cache.mark_dirty(block_offset)
+            self._cluster_freed(cluster_offset, block_offset, False)
 
     async def _release_entry(self, entry: int) -> None:
         """Drop the reference an L2 entry held (after the entry was changed)."""
@@ -1248,6 +1323,22 @@ class Qcow2Image:
         """Keep a table read outside the request path (block status) if there is room."""
         if self.l2_cache.lookup(l2_offset) is None and not self.l2_cache.full():
             self.l2_cache.insert(l2_offset, bytearray(data))
+
+
+_ENTRY_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def _entries_struct(count: int) -> struct.Struct:
+    """The struct of ``count`` big-endian table entries (kept per count)."""
+    packer = _ENTRY_STRUCTS.get(count)
+    if packer is None:
+        packer = _ENTRY_STRUCTS[count] = struct.Struct(f">{count}Q")
+    return packer
+
+
+def _entries(table: "bytes | bytearray", index: int, count: int) -> tuple[int, ...]:
+    """``count`` table entries from ``index`` on, in one unpack."""
+    return _entries_struct(count).unpack_from(table, index * 8)
 
 
 def _report(line: str) -> None:

@@ -10,6 +10,7 @@ memory, for unit tests and for building images.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from typing import TYPE_CHECKING, Protocol
 
@@ -93,7 +94,11 @@ class NodeStorage:
         host = self.node.host_file()
         loop = asyncio.get_running_loop()
         if host is None or self.node.read_only:
-            await self.pwrite(offset, await loop.run_in_executor(None, copy.read))
+            data = await loop.run_in_executor(None, copy.read)
+            if isinstance(copy, CheckedCopy) and is_zero(data):
+                copy.zero = True
+                return
+            await self.pwrite(offset, data)
             return
         self.node.extend_for_write(offset + len(copy))
         fd, base = host
@@ -192,3 +197,52 @@ class HostCopy:
         for fd, offset, length in self.pieces:
             kernel_copy_exact(fd, offset, dst_fd, dst_offset, length)
             dst_offset += length
+
+
+_ZEROES = bytes(1 << 20)
+
+
+def is_zero(data: "bytes | bytearray | memoryview") -> bool:
+    """QEMU's buffer_is_zero: memcmp against zeroes, which stops at the first
+    byte that differs (counting zero bytes would read all of a data buffer)."""
+    view = memoryview(data)
+    step = len(_ZEROES)
+    return all(_ZEROES.startswith(view[start:start + step])
+               for start in range(0, len(view), step))
+
+
+class CheckedCopy(HostCopy):
+    """A HostCopy written only if its bytes are not all zeroes (copy-on-read's
+    rule, decided on the whole payload as QEMU decides on its bounce buffer).
+    The read, the check and the write are one thread-pool task; ``zero`` tells
+    afterwards that nothing was written. A part of it (a slice shorter than the
+    whole) is an ordinary HostCopy: the decision is never made on a piece."""
+
+    def __init__(self, pieces: list[tuple[int, int, int]]) -> None:
+        super().__init__(pieces)
+        self.zero = False
+
+    def __getitem__(self, span: slice) -> HostCopy:
+        start, stop, _ = span.indices(self.length)
+        if start == 0 and stop == self.length:
+            return self
+        return super().__getitem__(span)
+
+    def copy_to(self, dst_fd: int, dst_offset: int) -> None:
+        """Read, check, write (blocking); errors as the request paths raise them."""
+        from qmpjobd.block.node import io_error
+        from qmpjobd.block.offload import write_all
+
+        try:
+            data = self.read()
+        except OSError as exc:
+            failure = io_error(exc.errno or errno.EIO)
+            failure.is_read = True          # type: ignore[attr-defined]
+            raise failure from None
+        if is_zero(data):
+            self.zero = True
+            return
+        try:
+            write_all(dst_fd, data, dst_offset)
+        except OSError as exc:
+            raise io_error(exc.errno or errno.EIO) from None
