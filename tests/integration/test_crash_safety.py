@@ -137,3 +137,54 @@ def test_sigkill_leaves_images_consistent(tmp_path: Path, seed: int) -> None:
     run("qemu-img", "convert", "-l", "base", "-O", "raw", "n.qcow2", "base.raw", cwd=tmp_path)
     base = (tmp_path / "base.raw").read_bytes()
     assert base[:6 * MiB] == b"\x11" * (6 * MiB) and base[6 * MiB:] == bytes(6 * MiB)
+
+
+def chain(directory: Path) -> str:
+    """base.qcow2 (data) <- mid.qcow2 (some data) <- top.qcow2 (a little): the
+    guest content of top, as a digest."""
+    run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4096", "base.qcow2", "4M",
+        cwd=directory)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x21 0 3M", "base.qcow2", cwd=directory)
+    for name, backing, pattern in (("mid", "base", "write -P 0x22 1M 1M"),
+                                   ("top", "mid", "write -P 0x23 3M 64k")):
+        run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4096", "-b",
+            f"{backing}.qcow2", "-F", "qcow2", f"{name}.qcow2", cwd=directory)
+        run("qemu-io", "-f", "qcow2", "-c", pattern, f"{name}.qcow2", cwd=directory)
+    return content(directory / "top.qcow2")
+
+
+@pytest.mark.parametrize("job", ["block-stream", "block-commit"])
+def test_sigkill_right_after_the_graph_change_keeps_the_content(tmp_path: Path,
+                                                                 job: str) -> None:
+    """The moment a stream or commit rewrites a header's backing file name is the
+    dangerous one: were the clusters it copied still only in the metadata caches, a
+    kill then would leave an image that no longer reads them from its old backing
+    file. Killed as soon as the job has concluded, the chain reads as before."""
+    expected = chain(tmp_path)
+    daemon = DaemonProcess("qmpjobd", workdir=tmp_path)
+    daemon.start()
+    try:
+        session = QMPSession(daemon, timeout=60)
+        assert "return" in session.command("blockdev-add", {
+            "driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": "top.qcow2"}})
+        arguments = {"job-id": "j", "device": "top", "auto-finalize": False}
+        if job == "block-stream":
+            arguments["base"] = "base.qcow2"           # mid's clusters move up into top
+        else:
+            arguments.update({"top": "mid.qcow2", "base": "base.qcow2"})
+        reply = session.command(job, arguments)
+        assert "return" in reply, reply
+        session.wait_status("j", "pending")
+        session.command("job-finalize", {"id": "j"})
+        session.wait_status("j", "concluded")
+        os.kill(daemon.proc.pid, signal.SIGKILL)
+        daemon.proc.wait()
+    finally:
+        daemon.stop()
+    for name in ("top.qcow2", "mid.qcow2", "base.qcow2"):
+        check_image(tmp_path / name)
+    info = json.loads(run("qemu-img", "info", "--output=json", "top.qcow2",
+                          cwd=tmp_path).stdout)
+    assert info.get("backing-filename") == "base.qcow2"     # mid is out of the chain
+    assert content(tmp_path / "top.qcow2") == expected

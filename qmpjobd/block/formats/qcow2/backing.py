@@ -47,11 +47,20 @@ def change_backing_file(node: "BlockNode", name: str | None, fmt: str | None) ->
     import errno
     import os
 
-    from qmpjobd.block.drivers.qcow2 import SyncStorage, run_now
+    from qmpjobd.block.drivers.qcow2 import SyncStorage, run_now, write_back
 
     image = node.image  # type: ignore[attr-defined]
     if name is not None and len(name.encode()) > BACKING_NAME_MAX:
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    # The chain's cached L2 tables and refcounts go out first: a header that no
+    # longer names the old backing file must never meet files that lack the
+    # clusters a stream copied up or a commit copied down (a SIGKILL right after
+    # it would lose them).
+    layer: "BlockNode | None" = node
+    while layer is not None:
+        if isinstance(getattr(layer, "image", None), type(image)):
+            write_back(layer, layer.image)  # type: ignore[attr-defined]
+        layer = layer.filter_or_cow_child()
     header = image.header
     old = (header.backing_file, header.backing_format)
     header.backing_file = name
