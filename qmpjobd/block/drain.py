@@ -91,6 +91,9 @@ GRAPH_CHANGES: dict[str, GraphChange] = {
     "replace-node": GraphChange("bdrv_replace_node", _PLAIN),
     # block-stream's prepare: the streamed node's new backing child.
     "set-backing": GraphChange("bdrv_set_backing_hd_drained", _PLAIN),
+    # A format node's backing link at open (bdrv_open_backing_file): a backing
+    # named by reference, given inline or found in the image header.
+    "open-backing": GraphChange("bdrv_set_backing_hd", _PLAIN),
     # A job's read-only <-> read-write switch of a node (stream's device,
     # commit's base): bdrv_reopen_set_read_only.
     "reopen": GraphChange("bdrv_reopen_multiple", _PLAIN),

@@ -79,10 +79,15 @@ class BlockGraph:
     def personality(self, value: Personality) -> None:
         self._personality = value
 
+    @property
+    def shows_drain_artefacts(self) -> bool:
+        """False when the user turned drain artefacts off (--no-drain-artefacts)."""
+        return self.options is None or getattr(self.options, "drain_artefacts", True)
+
     def section_kind(self, change: str) -> SectionKind:
         """The section graph change ``change`` takes here (NONE when the user turned
         drain artefacts off with --no-drain-artefacts)."""
-        if self.options is not None and not getattr(self.options, "drain_artefacts", True):
+        if not self.shows_drain_artefacts:
             return SectionKind.NONE
         who = self.personality
         if self._section_kinds is None or self._section_kinds[0] is not who:
@@ -129,7 +134,9 @@ class BlockGraph:
             return node
         except BaseException:
             for orphan in reversed(created):
-                self._forget(orphan)
+                # A failed backing open may have closed some of them already.
+                if self.nodes.get(orphan.node_name) is orphan:
+                    self._forget(orphan)
             permissions.refresh(self, may_fail=False)
             raise
 
@@ -143,6 +150,8 @@ class BlockGraph:
         temporary BlockBackend (inserted before the node is named, removed once it is
         open) and attaches it in its own open; a driver whose open fails drops its
         children (open_failed); and a node that fails to open at all is closed.
+        A format's backing child comes last, once the BlockBackend is gone
+        (``_open_backing``).
         """
         if flat is None:
             flat = flatten_options(options)
@@ -154,8 +163,39 @@ class BlockGraph:
             # bdrv_unref of the half-built node (QEMU created it before opening).
             self.graph_changes("close")
             raise
+        self._open_backing(node, created)
         created.append(node)
         return node
+
+    def _open_backing(self, node: BlockNode, created: list[BlockNode]) -> None:
+        """bdrv_open_backing_file, after the format's own open: open or look up the
+        backing node, then attach it (bdrv_set_backing_hd, a graph change of its
+        own). A failure closes the node that did open (close_and_fail: one close,
+        with the inline children only it held closed inside it)."""
+        opener = getattr(node, "open_backing", None)
+        if opener is None:
+            return
+        try:
+            if opener():
+                if not isinstance(node.options.get("backing"), str):
+                    # Opened for this node (inline or from the image header).
+                    node.children["backing"].inherits_from = node
+                self.graph_changes("open-backing")
+        except BaseException:
+            with self.graph_change("close"):
+                self.nodes.pop(node.node_name, None)
+                node.close()
+                self._forget_own_children(node.detach_children(), created)
+            raise
+
+    def _forget_own_children(self, children: Iterable[BlockNode],
+                             created: list[BlockNode]) -> None:
+        """Close the inline children of a node that failed to open which nothing
+        else holds: their last reference goes inside the caller's graph change
+        (QEMU's deferred unref runs in the bottom halves its wrunlock polls)."""
+        for child in children:
+            if child in created and not child.parent_nodes and not child.job_users:
+                self._forget(child)
 
     def _open_named(self, cls: type[BlockNode], options: dict,
                     created: list[BlockNode], flat: dict) -> BlockNode:
@@ -177,9 +217,16 @@ class BlockGraph:
                 if cls.is_format:
                     self.graph_changes(*("attach-child" for _ in children))
                 node = self._construct(cls, node_name, options, children, auto_named, flat)
-            finally:
+                _mark_inherited(node, options, children)
+            except BaseException:
                 if through_backend:
-                    self.graph_changes("backend-remove")
+                    # The temporary BlockBackend held the last reference to the
+                    # file child the failed open dropped.
+                    with self.graph_change("backend-remove"):
+                        self._forget_own_children(children.values(), created)
+                raise
+            if through_backend:
+                self.graph_changes("backend-remove")
         except BaseException:
             if named_first:
                 del self.nodes[node_name]
@@ -227,6 +274,9 @@ class BlockGraph:
         inherited = parent_options.get("read-only") and "read-only" not in child_options
         if inherited:
             child_options["read-only"] = True
+        # ... and auto-read-only the same way (bdrv_inherited_options).
+        if "auto-read-only" in parent_options and "auto-read-only" not in child_options:
+            child_options["auto-read-only"] = parent_options["auto-read-only"]
         node = self._open(child_options, created, flat)
         if inherited:
             # Not the user's own choice: a reopen read-write takes it along.
@@ -265,8 +315,8 @@ class BlockGraph:
 
     def release_implicit(self, node: BlockNode) -> None:
         """Drop an ``open_implicit`` node once nothing uses it any more."""
-        if node.node_name in self.nodes and not node.monitor_owned \
-                and not node.parent_nodes and not node.job_users:
+        if self.nodes.get(node.node_name) is node and not node.monitor_owned \
+                and not node.parent_nodes and not node.job_users and not node.backend_users:
             self._forget(node)
 
     def is_root(self, node: BlockNode) -> bool:
@@ -593,6 +643,11 @@ class BlockGraph:
         finally:
             self.drained_end(nodes)
 
+    def artefact_drain(self, nodes: Iterable[BlockNode]) -> contextlib.AbstractContextManager[None]:
+        """A drained section of ``nodes`` that QEMU takes only to quiesce them (a
+        reopen, a BlockBackend's blk_drain): nothing when drain artefacts are off."""
+        return self.drained(nodes) if self.shows_drain_artefacts else _NO_SECTION
+
     def _drain_closure(self, nodes: Iterable[BlockNode] | None) -> list[BlockNode]:
         if nodes is None:
             # A name claimed by a node still opening holds None (its list place).
@@ -616,6 +671,20 @@ class BlockGraph:
 
 
 _NO_SECTION: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
+def _mark_inherited(node: BlockNode, options: dict, children: dict[str, BlockNode]) -> None:
+    """QEMU's inherits_from: a child opened from inline options belongs to the node
+    that opened it (blockdev-reopen reopens it with that parent's sub-options);
+    a child named by reference does not."""
+    for role, child in children.items():
+        if isinstance(options.get(role), dict):
+            child.inherits_from = node
+
+
+def inherits_from(child: BlockNode, parent: BlockNode) -> bool:
+    """Was ``child`` opened as part of ``parent`` (bdrv_open_inherit)?"""
+    return getattr(child, "inherits_from", None) is parent
 
 
 def reaches(top: BlockNode, wanted: BlockNode) -> bool:

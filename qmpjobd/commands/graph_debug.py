@@ -10,6 +10,11 @@ runtime options (``lazy-refcounts``, the cache sizes, ``pass-discard-*``, ...);
 ``backing`` (a node name or null) of qcow2 and ``file`` (a node name) of formats.
 Anything else must be given unchanged (``Cannot change the option '...'``) and
 may not be left out (``Option '...' cannot be reset to its default value``).
+Inline options of a child reopen that child if the node opened it itself (QEMU's
+inherits_from; it also inherits read-only and auto-read-only); for any other child
+they are options that cannot change. ``node-name`` may be left out but not changed,
+and QEMU compares it with the options the node was last opened or reopened with.
+A child that a changed link no longer reaches goes with its last reference.
 
 The graph reply is built the way QEMU's bdrv_get_xdbg_block_graph walks it:
 BlockBackends first (in creation order, each with its ``root`` edge), then block
@@ -27,7 +32,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from qmpjobd.block import permissions as P
-from qmpjobd.block.graph import check_generic_options, check_link_unfrozen, reaches
+from qmpjobd.block.graph import check_generic_options, check_link_unfrozen, inherits_from, reaches
 from qmpjobd.block.node import flatten_options
 from qmpjobd.block.qjson import qdict_order
 from qmpjobd.commands import Context, command
@@ -114,9 +119,9 @@ MUTABLE_OPTIONS: dict[str, tuple[str, ...]] = {
               "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size",
               "cache-clean-interval"),
 }
-# Drivers with a reopen step at all (the rest: "does not support reopening files").
-REOPENABLE = frozenset({"file", "raw", "qcow2", "null-co", "null-aio", "blkdebug",
-                        "copy-on-read"})
+# Drivers with a reopen step at all (the rest: "does not support reopening files";
+# QEMU's copy-on-read filter has none, seen on 7.2, 10.0 and 11.1).
+REOPENABLE = frozenset({"file", "raw", "qcow2", "null-co", "null-aio", "blkdebug"})
 # Generic options a reopen rewrites in the node's stored options.
 _GENERIC_KEYS = ("read-only", "auto-read-only", "discard", "detect-zeroes", "cache")
 _KEPT_WHEN_OMITTED = ("discard",)
@@ -150,6 +155,29 @@ def _own_flat(node: Any, options: dict) -> dict:
     return flatten_options({k: v for k, v in options.items() if k not in roles})
 
 
+def _reopen_flat(node: Any, options: dict) -> dict:
+    """The options a node's own reopen checks (bdrv_reopen_prepare), flattened:
+    its own, plus the child options nothing else takes. ``file`` and ``backing``
+    given as a node name (or null) are links the reopen may change; the inline
+    options of a child the node opened itself go to that child's reopen; a child
+    reference that names the current child is allowed. What is left (inline
+    options of a child opened elsewhere, another node for a link that cannot
+    change) must equal what the node was opened with, which it never does."""
+    own = dict(options)
+    for role in set(node.child_roles) | {"backing"}:
+        if role not in own:
+            continue
+        ref, child = own.pop(role), node.children.get(role)
+        if isinstance(ref, dict):
+            if child is None or not inherits_from(child, node):
+                own[role] = ref
+        elif role in ("file", "backing"):
+            continue
+        elif child is None or ref != child.node_name:
+            own[role] = ref
+    return flatten_options(own)
+
+
 def _lookup_child(graph: Any, name: str) -> Any:
     child = graph.find(name)
     if child is None:
@@ -164,18 +192,21 @@ class _Reopen:
         self.graph = graph
         self.plans: list[_Plan] = []
 
-    def queue(self, node: Any, options: dict, inherited_ro: "bool | None" = None) -> None:
+    def queue(self, node: Any, options: dict, inherited: "dict | None" = None) -> None:
         if any(plan.node is node for plan in self.plans):
             return
-        if inherited_ro is not None and "read-only" not in options:
-            options = {**options, "read-only": inherited_ro}
+        # bdrv_inherited_options: what the child leaves out comes from its parent.
+        options = {**(inherited or {}), **options}
         plan = _Plan(node, options, bool(options.get("read-only", False)), {})
         self.plans.append(plan)
         # Children come after their parent in the queue (bdrv_reopen_queue_child).
         for role, child in node.children.items():
             ref = options.get(role)
             if isinstance(ref, dict):
-                self.queue(child, dict(ref), plan.read_only)
+                # Only a child the node opened itself takes its inline options
+                # (bdrv_reopen_queue_child skips the others: see _reopen_flat).
+                if inherits_from(child, node):
+                    self.queue(child, dict(ref), _inherited_options(options, plan.read_only))
             elif role != "backing" and (ref is None and role not in options
                                         or ref == child.node_name) \
                     and _inherits_read_only(node, role, child):
@@ -197,7 +228,7 @@ class _Reopen:
         if node.driver not in REOPENABLE:
             raise QMPError(f"Block format '{node.driver}' used by node '{node.node_name}' "
                            "does not support reopening files")
-        new_flat = _own_flat(node, options)
+        new_flat = _reopen_flat(node, options)
         old_flat = _own_flat(node, node.options)
         for key in qdict_order(list(old_flat)):
             if key not in new_flat and not _common(key.split(".")[0]) \
@@ -209,7 +240,10 @@ class _Reopen:
         self._prepare_backing(plan)
         self._prepare_file(plan)
         for key in qdict_order(list(new_flat)):
-            if key in COMMON_OPTIONS or _common(key.split(".")[0]) or _mutable(node, key):
+            # node-name may be left out, but not changed: it is compared with the
+            # name the node's options hold (none once a reopen left it out).
+            if key != "node-name" and (key in COMMON_OPTIONS or _common(key.split(".")[0])
+                                       or _mutable(node, key)):
                 continue
             if key not in old_flat or old_flat[key] != new_flat[key]:
                 raise QMPError(f"Cannot change the option '{key}'")
@@ -256,12 +290,18 @@ class _Reopen:
         if "file" not in node.child_roles or not isinstance(ref, str):
             return
         new = _lookup_child(self.graph, ref)
+        if reaches(new, node):
+            raise QMPError(f"Making '{new.node_name}' a file child of "
+                           f"'{node.node_name}' would create a cycle")
         old = node.children.get("file")
         if new is old:
             return
-        if new is not None and reaches(new, node):
-            raise QMPError(f"Making '{new.node_name}' a file child of "
-                           f"'{node.node_name}' would create a cycle")
+        if old is not None and getattr(old, "implicit", False):
+            if skip_implicit_filters(old) is new:
+                return
+            raise QMPError(f"Cannot replace implicit file child of {node.node_name}")
+        # bdrv_set_file_or_backing_noperm: a job's frozen link stays.
+        check_link_unfrozen(node, "file")
         plan.children["file"] = new
 
     # --- apply, all or nothing -------------------------------------------------------------
@@ -278,15 +318,31 @@ class _Reopen:
                 self._undo(plan)
             P.refresh(self.graph, may_fail=False)
             raise
+        for plan in self.plans:
+            self._drop_replaced(plan)
+
+    def _drop_replaced(self, plan: _Plan) -> None:
+        """A child a link no longer reaches goes with its last reference, as in
+        QEMU's reopen commit (a child the parent opened inline, say)."""
+        for role, child in plan.old_children.items():
+            if plan.node.children.get(role) is child or child.monitor_owned:
+                continue
+            if not child.parent_nodes and not child.job_users and not child.backend_users:
+                self.graph.forget_node(child)
 
     def _apply(self, plan: _Plan) -> None:
         node = plan.node
         plan.old_options, plan.old_read_only = dict(node.options), node.read_only
         plan.old_children = dict(node.children)
-        _set_read_only(node, plan.read_only)
+        # The new options first: a file node's descriptor follows auto-read-only.
+        node.options = _merged_options(node, plan.options)
+        try:
+            _set_read_only(node, plan.read_only)
+        except BaseException:
+            node.options = plan.old_options
+            raise
         plan.applied = True
         _relink(node, plan.children)
-        node.options = _merged_options(node, plan.options)
         if node.driver == "raw":
             _set_raw_window(node)
 
@@ -301,6 +357,15 @@ class _Reopen:
         if node.driver == "raw":
             _set_raw_window(node)
         plan.applied = False
+
+
+def _inherited_options(parent_options: dict, read_only: bool) -> dict:
+    """The options a child reopened with its parent takes from it unless it sets
+    them itself: read-only, and auto-read-only where the parent gives it."""
+    inherited: dict = {"read-only": read_only}
+    if "auto-read-only" in parent_options:
+        inherited["auto-read-only"] = parent_options["auto-read-only"]
+    return inherited
 
 
 def _inherits_read_only(parent: Any, role: str, child: Any) -> bool:
@@ -346,10 +411,12 @@ def _set_raw_window(node: Any) -> None:
 def _merged_options(node: Any, new: dict) -> dict:
     """The node's stored options after the reopen: the new generic and mutable
     options, everything else as it was (children stay out, as at open)."""
-    # discard lives in the node's open flags in QEMU: a reopen that
-    # leaves them out keeps them.
+    # discard lives in the node's open flags in QEMU: a reopen that leaves them
+    # out keeps them. node-name is kept as the reopen gave it: one left out is gone
+    # (and a later reopen that names the node again changes the option).
     merged = {k: v for k, v in node.options.items()
-              if k in _KEPT_WHEN_OMITTED or (k not in _GENERIC_KEYS and not _mutable(node, k))}
+              if (k in new if k == "node-name" else
+                  k in _KEPT_WHEN_OMITTED or (k not in _GENERIC_KEYS and not _mutable(node, k)))}
     for key, value in new.items():
         if key in node.child_roles or key == "backing":
             continue
@@ -386,10 +453,11 @@ def _relink(node: Any, children: dict) -> None:
 
 def _set_read_only(node: Any, read_only: bool) -> None:
     """Switch one node between read-only and read-write."""
-    if node.read_only == read_only:
-        return
     if hasattr(node, "reopen_fd"):
+        # Also without a change of read-only: auto-read-only may change the mode.
         node.reopen_fd(read_only)
+        return
+    if node.read_only == read_only:
         return
     if node.driver == "qcow2":
         _reopen_qcow2_image(node, read_only)
@@ -431,16 +499,9 @@ def reopen_nodes(graph: Any, entries: list) -> None:
     nodes = [plan.node for plan in job.plans]
     # The nodes are drained while they change (bdrv_reopen_multiple), so the jobs
     # on them show QEMU's paused/running pair.
-    with _drained(graph, nodes):
+    with graph.artefact_drain(nodes):
         job.prepare()
         job.apply()
-
-
-def _drained(graph: Any, nodes: list) -> Any:
-    options = getattr(graph, "options", None)
-    if options is not None and not getattr(options, "drain_artefacts", True):
-        return contextlib.nullcontext()
-    return graph.drained(nodes)
 
 
 @command("blockdev-reopen")

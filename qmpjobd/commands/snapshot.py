@@ -138,18 +138,11 @@ def _after_read_write(node: Any) -> None:
 
 
 def _reopen_writable(node: Any) -> None:
-    """A file node opened read-only holds an O_RDONLY descriptor: open it again."""
-    if node.driver != "file" or getattr(node, "fd", None) is None:
-        return
-    import fcntl
-
-    if fcntl.fcntl(node.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR:
-        return
-    from qmpjobd.block.drivers.file import open_regular_file
-
-    fd, _length = open_regular_file(node.graph.path_policy, node.path, False)
-    os.close(node.fd)
-    node.fd = fd
+    """A file node opened read-only holds an O_RDONLY descriptor: the file driver
+    opens it again (its image locks move to the new descriptor)."""
+    reopen = getattr(node, "reopen_fd", None)
+    if reopen is not None and getattr(node, "fd", None) is not None:
+        reopen(False)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,12 @@ its big lock). The checks come in QEMU's order with QEMU's texts; the only thing
 that happens later is the deletion of an export whose clients are still being
 disconnected, which then announces ``BLOCK_EXPORT_DELETED`` after the reply, as
 QEMU does.
+
+An export's BlockBackend is a graph change when it is inserted and when it goes
+(``BlockGraph.graph_change``), and its release drains the exported node twice
+first (blk_unref's and blk_remove_bs's blk_drain), so running jobs show QEMU's
+paused/running pairs; a node the daemon opened itself (a ``-sync`` overlay the
+export moved to) goes with its last export.
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ EXTENDED_HEADERS = Behaviour("NBD_OPT_EXTENDED_HEADERS and 64-bit request and re
 # the old bad-magic message (later ones name the magic expected).
 STRAY_SPACE_IN_LEN = Behaviour("'len (N )' in the over-long request message", since="7.2",
                                until="8.2")
-# nbd-server-stop: 7.2 deleted the oldest export first, 10.0 the newest (seen on
-# the daemons; the release in between that changed it was not pinned down).
-STOP_DELETES_NEWEST_FIRST = Behaviour("nbd-server-stop and daemon exit announce the newest export's "
-                                      "deletion first", since="10.0")
+# nbd-server-stop and daemon exit request every export's shutdown (newest first)
+# and QEMU deletes each in a bottom half, the one scheduled last running first:
+# 7.2 announces the oldest export's deletion first. From 8.0 blk_remove_bs takes
+# the graph write lock, whose unlock runs the pending bottom halves, so each
+# deletion runs the next one inside it and the newest is announced first.
+NESTED_EXPORT_DELETIONS = Behaviour("an export's deletion runs the next pending one inside "
+                                    "its graph write lock (newest announced first)",
+                                    since="8.0")
 # blk_exp_add activates the exported node unless allow-inactive (added with
 # blockdev-set-active); its silent -ENOMEDIUM on a corrupt qcow2 makes
 # block-export-add answer {} and add nothing.
@@ -103,11 +113,25 @@ class ExportRegistry:
         self.server = None
 
     def _delete_all(self) -> None:
-        doomed = list(self.exports)     # newest first
-        if not self.personality.has(STOP_DELETES_NEWEST_FIRST):
-            doomed.reverse()
+        """Delete every export and every client of it before returning
+        (nbd-server-stop waits for them, so all its events precede its reply)."""
+        doomed = list(self.exports)     # newest first: shutdown is requested so
         for export in doomed:
-            self._delete_now(export)
+            export.on_deleted = None
+            export.shut_down()
+            export.clients.clear()
+        # ... and the deletion bottom halves run last scheduled first.
+        self._delete_in_turn(doomed[::-1])
+
+    def _delete_in_turn(self, pending: list[NbdExport]) -> None:
+        if not pending:
+            return
+        first, rest = pending[0], pending[1:]
+        if self.personality.has(NESTED_EXPORT_DELETIONS):
+            self._deleted(first, inside=lambda: self._delete_in_turn(rest))
+        else:
+            self._deleted(first)
+            self._delete_in_turn(rest)
 
     # --- block-export-add / -del ---------------------------------------------------------
 
@@ -166,21 +190,46 @@ class ExportRegistry:
         return export
 
     def _attach(self, export: NbdExport) -> None:
-        """The export's BlockBackend on its node: consistent read (and write when
-        writable), checked against every other user of the graph (jobs' filters and
-        targets) by the block layer's permission checker. Held in
-        ``node.backend_users``, which also makes blockdev-del refuse the node."""
-        export.node.backend_users.append(export)
-        try:
-            permissions.refresh(self.graph)
-        except QMPError:
-            self._detach(export)
-            raise
+        """The export's BlockBackend on its node (blk_insert_bs, a graph change):
+        consistent read (and write when writable), checked against every other
+        user of the graph (jobs' filters and targets) by the block layer's
+        permission checker. Held in ``node.backend_users``, which also makes
+        blockdev-del refuse the node. A refused attach leaves a BlockBackend
+        without a node, whose release drains nothing."""
+        node = export.node
+        with self.graph.graph_change("backend-insert"):
+            node.backend_users.append(export)
+            try:
+                permissions.refresh(self.graph)
+            except QMPError:
+                node.backend_users.remove(export)
+                permissions.refresh(self.graph, may_fail=False)
+                raise
 
-    def _detach(self, export: NbdExport) -> None:
-        if export in export.node.backend_users:
-            export.node.backend_users.remove(export)
-            permissions.refresh(self.graph, may_fail=False)
+    def _detach(self, export: NbdExport, inside: Callable[[], None] | None = None) -> None:
+        """blk_unref of the export's BlockBackend: it drains the node (so jobs above
+        it pause and resume), then blk_remove_bs drains it again and takes the graph
+        write lock to let go; ``inside`` runs at the lock's end (its bottom halves)."""
+        node = export.node
+        if export in node.backend_users:
+            self._blk_drain(node)           # blk_unref
+            self._blk_drain(node)           # blk_remove_bs
+            with self.graph.graph_change("backend-remove"):
+                node.backend_users.remove(export)
+                permissions.refresh(self.graph, may_fail=False)
+                # A node the daemon opened itself (a -sync overlay the export moved
+                # to) goes with its last reference, before pending deletions run.
+                if node.release_when_unused:
+                    self.graph.release_implicit(node)
+                if inside is not None:
+                    inside()
+        elif inside is not None:
+            inside()
+
+    def _blk_drain(self, node: Any) -> None:
+        """blk_drain: a drained section of the node (jobs above it pause and resume)."""
+        with self.graph.artefact_drain([node]):
+            pass
 
     def _nbd_checks(self, export: NbdExport, args: dict) -> None:
         """nbd_export_create's checks, in its order; fills in the bitmaps."""
@@ -239,20 +288,14 @@ class ExportRegistry:
         # once the last disconnected client is gone, after the reply.
         export.shut_down()
 
-    def _delete_now(self, export: NbdExport) -> None:
-        """Delete an export and every client of it before returning (nbd-server-stop
-        waits for them, so all its events precede its reply)."""
-        export.on_deleted = None
-        export.shut_down()
-        export.clients.clear()
-        self._deleted(export)
-
-    def _deleted(self, export: NbdExport) -> None:
+    def _deleted(self, export: NbdExport, inside: Callable[[], None] | None = None) -> None:
+        """blk_exp_delete_bh: the export goes, its BlockBackend is released (running
+        ``inside`` there), then its deletion is announced."""
         if export in self.exports:
             self.exports.remove(export)
         if self.server is not None and self.server.exports.get(export.name) is export:
             del self.server.exports[export.name]
-        self._detach(export)
+        self._detach(export, inside)
         for bitmap in export.bitmaps:
             bitmap.busy = False
         self.emit("BLOCK_EXPORT_DELETED", {"id": export.id})

@@ -29,6 +29,7 @@ import stat
 
 from qmpjobd.block.locking import ImageLocks, locking_enabled
 from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.block.permissions import WRITE
 from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
 
@@ -47,8 +48,8 @@ class FileNode(BlockNode):
             raise QMPError("Option 'pr-manager' is not supported by qmpjobd")
         self.path: str = self.options["filename"]
         self.fd: int | None = None
-        self.fd, host_length = open_regular_file(self.graph.path_policy, self.path,
-                                                 self.read_only)
+        self.fd, host_length, self.fd_writable = self._open_fd(self.read_only, 0)
+        self._pending_fd: int | None = None
         self.size = -(-host_length // SECTOR) * SECTOR
         # No permission yet, so no lock byte: users bring them (permissions.refresh).
         self.locks = ImageLocks(self.fd, locking_enabled(self.options.get("locking")),
@@ -63,31 +64,70 @@ class FileNode(BlockNode):
 
     # --- permissions (qmpjobd.block.permissions.refresh calls these) -------------------
 
+    def _open_fd(self, read_only: bool, perm: int) -> tuple[int, int, bool]:
+        """(descriptor, host length, writable) for the node's mode. With
+        auto-read-only (QEMU's file-posix opens such a node read-only until a user
+        takes the write permission) an image that cannot be opened for writing is
+        opened read-only as long as nobody writes; qmpjobd opens it read-write
+        where it can, which QMP cannot tell apart."""
+        policy = self.graph.path_policy
+        if read_only:
+            return (*open_regular_file(policy, self.path, True), False)
+        try:
+            return (*open_regular_file(policy, self.path, False), True)
+        except QMPError:
+            if not self.options.get("auto-read-only") or perm & WRITE:
+                raise
+        return (*open_regular_file(policy, self.path, True), False)
+
     def prepare_permissions(self, perm: int, shared: int) -> None:
         if self.fd is None:
             return
+        if perm & WRITE and not self.fd_writable and not self.read_only:
+            # raw_check_perm: a writer needs the read-write descriptor first; failing
+            # to open it fails the permission change with open's own error.
+            self._pending_fd, _ = open_regular_file(self.graph.path_policy, self.path, False)
         self._pending_perms = (perm, shared)
-        self.locks.prepare(perm, shared)
+        try:
+            self.locks.prepare(perm, shared)
+        except BaseException:
+            self._drop_pending_fd()
+            raise
 
     def commit_permissions(self) -> None:
         if self.fd is not None:
             self.locks.commit(*self._pending_perms)
+            if self._pending_fd is not None:
+                fd, self._pending_fd = self._pending_fd, None
+                self._switch_fd(fd, True)
 
     def abort_permissions(self) -> None:
         if self.fd is not None:
+            self._drop_pending_fd()
             self.locks.abort()
 
+    def _drop_pending_fd(self) -> None:
+        if self._pending_fd is not None:
+            os.close(self._pending_fd)
+            self._pending_fd = None
+
     def reopen_fd(self, read_only: bool) -> None:
-        """Reopen the image read-only or read-write (blockdev-reopen): the new
-        descriptor takes over the committed locks before the old one closes."""
-        fd, _ = open_regular_file(self.graph.path_policy, self.path, read_only)
+        """Reopen the image read-only or read-write (blockdev-reopen, with the new
+        options in place): a new descriptor where the mode changes takes over the
+        committed locks before the old one closes."""
+        if self.fd is None or self.fd_writable == read_only:
+            fd, _, writable = self._open_fd(read_only, self.locks.perm)
+            self._switch_fd(fd, writable)
+        self.read_only = read_only
+
+    def _switch_fd(self, fd: int, writable: bool) -> None:
         try:
             self.locks.move_to(fd)
         except BaseException:
             os.close(fd)
             raise
         old, self.fd = self.fd, fd
-        self.read_only = read_only
+        self.fd_writable = writable
         if old is not None:
             os.close(old)
 
