@@ -303,8 +303,13 @@ class BlockCopyState:
         the source's block status, whole clusters (rounded down, up at the end of
         the node, one data cluster when the status run is shorter); True when the
         task is a zero write."""
-        kind, count = self.source.block_status(offset, length)
         cs = self.cluster_size
+        try:
+            kind, count = self.source.block_status(offset, length)
+        except OSError:
+            # As block-copy does: a status it cannot get means one data cluster
+            # (whose read then meets the error, if it lasts).
+            return False, min(cs, length)
         if count < cs:
             return False, min(cs, length)
         if offset + count >= self.length:

@@ -378,27 +378,31 @@ class BackupJob(BlockJob):
         # returns): a pass begun by an already cancelled job (resumed from an
         # error stop by job-cancel) still dispatches until then.
         job_looked = False
-        while pool.failure is None and not self.should_pause \
-                and not (job_looked and self.is_cancelled):
-            area = self.dirty.next_dirty_area(offset, chunk_limit)
-            if area is None:
-                break
-            start, length = area
-            # A task covers one block-status run (QEMU's block_copy_task_shrink).
-            zero, length = self.bcs.task_extent(start, length)
-            delay = self.ratelimit_delay_ns(0)
-            if delay > 0:
-                await self.park_until_woken(_RATE_WAIT, timeout_ns=delay)
-                job_looked = True
-                continue
-            self.ratelimit_delay_ns(length)
-            # Claimed now: a write to the source that meets these clusters waits
-            # for this copy instead of copying them again.
-            claim = self.bcs.claim(start, start + length)
-            self._in_flight_bytes += length
-            offset = start + length
-            job_looked |= await pool.start(claim, start, length, zero)
-        await pool.wait_all()
+        try:
+            while pool.failure is None and not self.should_pause \
+                    and not (job_looked and self.is_cancelled):
+                area = self.dirty.next_dirty_area(offset, chunk_limit)
+                if area is None:
+                    break
+                start, length = area
+                # A task covers one block-status run (QEMU's block_copy_task_shrink).
+                zero, length = self.bcs.task_extent(start, length)
+                delay = self.ratelimit_delay_ns(0)
+                if delay > 0:
+                    await self.park_until_woken(_RATE_WAIT, timeout_ns=delay)
+                    job_looked = True
+                    continue
+                self.ratelimit_delay_ns(length)
+                # Claimed now: a write to the source that meets these clusters waits
+                # for this copy instead of copying them again.
+                claim = self.bcs.claim(start, start + length)
+                self._in_flight_bytes += length
+                offset = start + length
+                job_looked |= await pool.start(claim, start, length, zero)
+        finally:
+            # However the dispatch ended, no chunk may outlive the pass: each one
+            # still uses the job's copy state.
+            await pool.wait_all()
         return pool.failure
 
     async def _copy_chunk(self, pool: _WorkerPool, claim: Any, offset: int,

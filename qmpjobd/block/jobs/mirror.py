@@ -487,7 +487,12 @@ class MirrorJob(BlockJob):
             while self._ops and (len(self._ops) >= MAX_IN_FLIGHT
                                  or self._bytes_in_flight + size > self.buf_size):
                 await self._wait_for_any_op()
-            kind, status_bytes = self.source.block_status(offset, size)
+            try:
+                kind, status_bytes = self.source.block_status(offset, size)
+            except OSError:
+                # mirror_iteration copies what it cannot get a status for; the
+                # read then meets the error, if it lasts.
+                kind, status_bytes = "data", size
             if kind == "data" and status_bytes < size:
                 # QEMU copies only the data extent (in whole chunks, at least one);
                 # what follows is zeroed or discarded by the next operation.
