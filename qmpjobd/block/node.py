@@ -679,6 +679,16 @@ class BlockNode:
             min_mem = inner["min-mem-alignment"]
             opt_mem = inner["opt-mem-alignment"]
             max_iov = inner["max-iov"]
+        cow = None if self.is_filter else self.backing_node()
+        if cow is not None and child is not None and not cow.is_filter:
+            # A COW child's limits are merged too (bdrv_refresh_limits: every
+            # DATA, FILTERED or COW child): a null-co backing raises min-mem. A
+            # job's filter slid in below is not: QEMU does not refresh the parent
+            # then (a filter that is there from the open is taken as not either).
+            below = cow.block_limits()
+            min_mem = max(min_mem, below["min-mem-alignment"])
+            opt_mem = max(opt_mem, below["opt-mem-alignment"])
+            max_iov = min(max_iov, below["max-iov"])
         return {"request-alignment": self.request_alignment(), "max-iov": max_iov,
                 "min-mem-alignment": min_mem, "opt-mem-alignment": opt_mem}
 

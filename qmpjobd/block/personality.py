@@ -69,6 +69,12 @@ BLKIO_DRIVERS_BUILT = Behaviour(
 BLKDEBUG_DELAY_NS = Behaviour(
     "blkdebug inject-error rules take 'delay-ns' (10.0.10 stable backport)", since="10.0")
 
+QEMU_OPT_SIZE_RANGE_REWORDED = Behaviour(
+    "a negative size in driver options that QEMU reads as QemuOpts (qcow2's cache "
+    "sizes) reads \"Value '-5' is out of range for parameter 'P'\" instead of "
+    "\"Parameter 'P' expects a non-negative number below 2^64\" (first seen in 10.0)",
+    since="10.0")
+
 # --- stderr -------------------------------------------------------------------------------
 
 BACKUP_WARNING_REWORDED = Behaviour(
@@ -85,6 +91,7 @@ FLUSH_FAILURE_AT_CLOSE_REPORTED = Behaviour(
 BLOCK_BEHAVIOURS: tuple[Behaviour, ...] = (
     NODE_ACTIVE_FLAG, FILE_FORMAT_SPECIFIC, NODE_CHILDREN_LIST, IMAGE_LIMITS,
     ZONE_APPEND_STATS, MIRROR_ACTIVELY_SYNCED, INACTIVATE_DRAINS_ALL, GLUSTER_REMOVED,
-    BLKIO_DRIVERS_BUILT, BLKDEBUG_DELAY_NS, BACKUP_WARNING_REWORDED,
+    BLKIO_DRIVERS_BUILT, BLKDEBUG_DELAY_NS, QEMU_OPT_SIZE_RANGE_REWORDED,
+    BACKUP_WARNING_REWORDED,
     STDERR_PROGRAM_PREFIX, FLUSH_FAILURE_AT_CLOSE_REPORTED,
 )

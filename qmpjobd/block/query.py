@@ -76,9 +76,24 @@ def backing_depth(node: BlockNode) -> int:
     return depth
 
 
+def cache_flag(node: BlockNode, key: str) -> bool:
+    """A node's cache.direct / cache.no-flush: its own option, else the value of
+    the parent that opened it (bdrv_inherited_options copies both into every
+    child a node opens itself: inline children and the backing chain named by
+    an image header; a child referenced by node name keeps its own)."""
+    seen: set[int] = set()
+    current: BlockNode | None = node
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cache = current.options.get("cache")
+        if isinstance(cache, dict) and key in cache:
+            return bool(cache[key])
+        current = getattr(current, "inherits_from", None)
+    return False
+
+
 def block_device_info(node: BlockNode, flat: bool = False,
                       who: Personality = _BASELINE) -> dict:
-    cache = node.options.get("cache", {})
     info: dict = {
         "file": node.filename(),
         "node-name": node.node_name,
@@ -108,8 +123,8 @@ def block_device_info(node: BlockNode, flat: bool = False,
         "image": image_info(node, flat, who),
         "cache": {
             "writeback": True,
-            "direct": bool(cache.get("direct", False)),
-            "no-flush": bool(cache.get("no-flush", False)),
+            "direct": cache_flag(node, "direct"),
+            "no-flush": cache_flag(node, "no-flush"),
         },
         "write_threshold": node.write_threshold,
     })

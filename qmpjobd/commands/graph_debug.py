@@ -32,8 +32,10 @@ import contextlib
 from dataclasses import dataclass, field
 
 from qmpjobd.block import permissions as P
+from qmpjobd.block.formats.qcow2.header import check_runtime_options
 from qmpjobd.block.graph import check_generic_options, check_link_unfrozen, inherits_from, reaches
 from qmpjobd.block.node import flatten_options
+from qmpjobd.block.personality import QEMU_OPT_SIZE_RANGE_REWORDED
 from qmpjobd.block.qjson import qdict_order
 from qmpjobd.commands import Context, command
 from qmpjobd.errors import QMPError
@@ -236,6 +238,10 @@ class _Reopen:
                 raise QMPError(f"Option '{key}' cannot be reset to its default value")
         if node.driver == "raw":
             _check_raw_window(node, options)
+        elif node.driver == "qcow2" and getattr(node, "image", None) is not None:
+            # qcow2_reopen_prepare checks the runtime options as the open does.
+            check_runtime_options(node.image.header, options,
+                                  self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
         plan.children = dict(node.children)
         self._prepare_backing(plan)
         self._prepare_file(plan)

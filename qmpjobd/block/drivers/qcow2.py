@@ -24,10 +24,13 @@ from typing import Any, Coroutine
 from qmpjobd.block.activation import check_child_attach
 from qmpjobd.block.formats.qcow2 import bitmaps as qcow2_bitmaps
 from qmpjobd.block.formats.qcow2 import constants as C
+from qmpjobd.block.formats.qcow2.backing import full_backing_filename, open_header_backing
+from qmpjobd.block.formats.qcow2.header import check_runtime_options
 from qmpjobd.block.formats.qcow2.image import CorruptionError, Options, Qcow2Image
 from qmpjobd.block.formats.qcow2.storage import NodeStorage
 from qmpjobd.block.node import BlockNode, io_error
 from qmpjobd.block.permissions import check_new_parent
+from qmpjobd.block.personality import QEMU_OPT_SIZE_RANGE_REWORDED
 from qmpjobd.errors import QMPError
 
 _ABSENT = object()
@@ -151,9 +154,8 @@ class Qcow2Node(BlockNode):
         self.opened_backing_from_header = False
         image = run_now(Qcow2Image.open(SyncStorage(file), read_only=self.read_only,
                                         options=self._image_options()))
-        if self.options.get("lazy-refcounts") and image.header.version < 3:
-            raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
-                           "compatibility level")
+        check_runtime_options(image.header, self.options,
+                              self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
         image.storage = NodeStorage(file)
         image.corruption_listener = self._corruption_event
         self.image = image
@@ -232,26 +234,11 @@ class Qcow2Node(BlockNode):
             raise QMPError(f"Could not open backing file: {exc.desc}") from None
 
     def _open_header_backing(self) -> BlockNode | None:
-        header = self.image.header if self.image is not None else None
-        if header is None or header.backing_file is None:
-            return None
-        path = self._resolve(header.backing_file)
-        fmt = header.backing_format or self._probe(path)
-        options = {"driver": fmt, "file": {"driver": "file", "filename": path},
-                   "read-only": True}
-        self.opened_backing_from_header = True
-        try:
-            return self.graph._open_tree(options)
-        except QMPError as exc:
-            raise QMPError(f"Could not open backing file: {exc.desc}") from None
+        return open_header_backing(self)
 
     def _resolve(self, name: str) -> str:
         """QEMU's path_combine: relative to the directory of the overlay's file."""
-        if os.path.isabs(name):
-            return name
-        base = self.children["file"].exact_filename() or ""
-        directory = os.path.dirname(base)
-        return os.path.join(directory, name) if directory else name
+        return full_backing_filename(name, self.children["file"].exact_filename())
 
     def _probe(self, path: str) -> str:
         try:

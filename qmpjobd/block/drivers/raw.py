@@ -100,5 +100,11 @@ class RawNode(BlockNode):
         # raw's bdrv_get_info is its child's: over qcow2, its cluster size.
         return self.child_cluster_size(self.children["file"])
 
+    def request_alignment(self) -> int:
+        # raw_refresh_limits: a raw node whose format was probed (a backing file
+        # named without a format) takes whole sectors only, so that its first
+        # sector can be guarded against writes that would change the probe.
+        return SECTOR if getattr(self, "probed", False) else 1
+
     def block_limits(self) -> dict:
         return self.with_child_discard_alignment(self.children["file"])

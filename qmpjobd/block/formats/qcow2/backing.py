@@ -20,12 +20,13 @@ everything they touch of the format is the node's ``image`` object.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qmpjobd.errors import QMPError
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpjobd.block.node import BlockNode
+    from qmpjobd.versions import Personality
 
 # QEMU refuses backing names longer than this (qcow2_change_backing_file).
 BACKING_NAME_MAX = 1023
@@ -168,3 +169,149 @@ def chain_contains(top: "BlockNode", wanted: "BlockNode") -> bool:
             return True
         node = node.filter_or_cow_child()
     return False
+
+
+# --- the backing file an image header names (bdrv_open_backing_file) ------------------
+
+# Protocol prefixes qmpjobd has a driver for (bdrv_find_protocol; a name like
+# "nbd:..." names a protocol QEMU has and qmpjobd has not: it is unknown here).
+_PROTOCOLS = ("file", "null-co", "null-aio")
+
+
+def path_has_protocol(name: str) -> bool:
+    """QEMU's path_has_protocol: a ':' before the first '/'."""
+    cut = len(name)
+    for sep in ":/":
+        index = name.find(sep)
+        if index >= 0:
+            cut = min(cut, index)
+    return cut < len(name) and name[cut] == ":"
+
+
+def full_backing_filename(name: str, overlay_file: str | None) -> str:
+    """bdrv_make_absolute_filename: a name with a protocol or an absolute path stays;
+    a relative one is taken from the directory of the overlay's file."""
+    if path_has_protocol(name) or name.startswith("/"):
+        return name
+    directory, slash, _ = (overlay_file or "").rpartition("/")
+    return directory + slash + name
+
+
+def open_header_backing(node: "BlockNode") -> "BlockNode | None":
+    """bdrv_open_backing_file for a qcow2 node without a ``backing`` option: open
+    what its header names, read-only, with QEMU's "Could not open backing file"
+    errors. The node is marked ``opened_backing_from_header``; the backing node
+    is marked ``probed`` when its format was guessed from its first bytes."""
+    image = getattr(node, "image", None)
+    header = image.header if image is not None else None
+    if header is None or header.backing_file is None:
+        return None
+    graph = node.graph
+    try:
+        options = header_backing_options(header.backing_file, header.backing_format,
+                                         node.children["file"].exact_filename(),
+                                         node._probe,  # type: ignore[attr-defined]
+                                         graph.personality)
+        probed = options.pop(_PROBED, False)
+        if options["driver"] in _FORMATS and "file" not in options:
+            # The format node is named before its own open finds no file child.
+            if "node-name" not in options:
+                graph.skip_generated_names(1)
+            raise QMPError('A block device must be specified for "file"')
+        node.opened_backing_from_header = True  # type: ignore[attr-defined]
+        backing = graph._open_tree(options)
+    except QMPError as exc:
+        raise QMPError(f"Could not open backing file: {exc.desc}") from None
+    backing.probed = probed  # type: ignore[attr-defined]  # QEMU's bs->probed
+    return backing
+
+
+# Formats whose open needs a file child; a marker key for a probed format.
+_FORMATS = ("raw", "qcow2")
+_PROBED = "qmpjobd-probed"
+
+
+def header_backing_options(name: str, fmt: str | None, overlay_file: str | None,
+                           probe: "Callable[[str], str]", who: "Personality") -> dict:
+    """The options QEMU opens a header-named backing file with: ``json:{...}``
+    names are parsed into options (the header's format wins over their driver),
+    ``file:PATH`` and ``null-co://`` go to that protocol (a ``file:`` path is
+    taken as it is, relative to the daemon's directory), anything else is a
+    path next to the overlay. Without a format the file is probed. QMPError with
+    QEMU's message for a name that cannot be opened (JSON errors worded as the
+    personality ``who``'s JSON parser words them)."""
+    if name.startswith("json:"):
+        options = _json_options(name[len("json:"):], who)
+        if fmt is not None:
+            options["driver"] = fmt
+        elif "driver" not in options:
+            file = options.get("file")
+            path = file.get("filename") if isinstance(file, dict) else None
+            options["driver"] = probe(path) if isinstance(path, str) else "raw"
+            options[_PROBED] = True
+    else:
+        protocol_child = _protocol_options(name) if path_has_protocol(name) else None
+        if protocol_child is None:
+            protocol_child = {"driver": "file",
+                              "filename": full_backing_filename(name, overlay_file)}
+        path = protocol_child.get("filename")
+        driver = fmt or (probe(path) if isinstance(path, str) else "raw")
+        options = {"driver": driver, "file": protocol_child}
+        if fmt is None:
+            options[_PROBED] = True
+    options.setdefault("read-only", True)
+    return options
+
+
+def _protocol_options(name: str) -> dict:
+    protocol = name.partition(":")[0]
+    if protocol not in _PROTOCOLS:
+        raise QMPError(f"Unknown protocol '{protocol}'")
+    if protocol == "file":
+        return {"driver": "file", "filename": name[len("file:"):]}
+    if name != f"{protocol}://":
+        raise QMPError(f"The only allowed filename for this driver is '{protocol}://'")
+    return {"driver": protocol}
+
+
+def _json_options(text: str, who: "Personality") -> dict:
+    """parse_json_filename: a JSON object, nested or with dotted keys (both
+    become nested options)."""
+    from qmpjobd.wire.dialect import new_stream_parser, wire_dialect
+    from qmpjobd.wire.lexer import ParsedValue, StreamParser, _parse_tokens
+
+    parser = new_stream_parser(wire_dialect(who), fast_path=False)
+    results = parser.feed(text.encode() + b" ")
+    if not results and type(parser) is StreamParser and parser._kinds:
+        # QEMU flushes at the end of the text: the parser sees what is there.
+        try:
+            results = [ParsedValue(_parse_tokens(parser._kinds, parser._texts))]
+        except Exception as exc:  # _JSONSyntaxError
+            raise QMPError("Could not parse the JSON options: "
+                           f"{getattr(exc, 'desc', 'JSON parse error')}") from None
+    if not results:
+        raise QMPError("Could not parse the JSON options: JSON parse error, expecting value")
+    first = results[0]
+    if not isinstance(first, ParsedValue):
+        raise QMPError(f"Could not parse the JSON options: {first.desc}")
+    if not isinstance(first.value, dict):
+        raise QMPError("Invalid JSON object given")
+    return _crumple(first.value)
+
+
+def _crumple(options: dict) -> dict:
+    """Dotted keys ("file.filename") into nested dicts, nested dicts kept."""
+    nested: dict = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            value = _crumple(value)
+        head, dot, rest = key.partition(".")
+        if dot:
+            nested.setdefault(head, {})
+            if isinstance(nested[head], dict):
+                nested[head] = {**nested[head], **_crumple({rest: value})}
+        elif isinstance(value, dict) and isinstance(nested.get(key), dict):
+            nested[key] = {**nested[key], **value}
+        else:
+            nested[key] = value
+    return nested

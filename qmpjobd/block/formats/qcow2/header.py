@@ -322,3 +322,83 @@ def _parse_feature_table(data: bytes) -> list[tuple[int, int, str]]:
             break         # QEMU stops at the first entry without a name
         table.append((entry[0], entry[1], name.decode("utf-8", "replace")))
     return table
+
+
+# --- runtime options (qcow2_update_options_prepare) -----------------------------------
+
+# QEMU's defaults and floors for the metadata caches.
+_DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024
+_MIN_REFCOUNT_CACHE_ENTRIES = 4
+_INT_MAX = 2 ** 31 - 1
+_UINT_MAX = 2 ** 32 - 1
+
+
+# The qcow2 runtime options QEMU parses as sizes (the schema says int).
+_SIZE_OPTIONS = ("l2-cache-size", "l2-cache-entry-size", "cache-size", "refcount-cache-size")
+
+
+def check_runtime_options(header: Header, options: dict, sizes_reworded: bool) -> None:
+    """Refuse the runtime options QEMU refuses once it has read the header and the
+    L1 table, with its messages and in its order: negative sizes (the QemuOpts
+    parse; ``sizes_reworded`` is the newer wording), the cache sizes, the cache
+    clean interval, lazy refcounts and discard-no-unref on a version 2 image.
+    (Types and enum values were checked against the schema before.)"""
+    for name in _SIZE_OPTIONS:
+        value = options.get(name, 0)
+        if value < 0:
+            raise QMPError(f"Value '{value}' is out of range for parameter '{name}'"
+                           if sizes_reworded else
+                           f"Parameter '{name}' expects a non-negative number below 2^64")
+    _check_cache_sizes(header, options)
+    # The schema's type is int, QEMU reads the option back as unsigned: a
+    # negative interval is a huge one.
+    interval = options.get("cache-clean-interval", 0)
+    if interval < 0 or interval > _UINT_MAX:
+        raise QMPError("Cache clean interval too big")
+    if options.get("lazy-refcounts", header.lazy_refcounts) and header.version < 3:
+        raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                       "compatibility level")
+    if options.get("discard-no-unref") and header.version < 3:
+        raise QMPError("discard-no-unref is only supported since qcow2 version 3")
+
+
+def _check_cache_sizes(header: Header, options: dict) -> None:
+    """read_cache_sizes: how cache-size, l2-cache-size and refcount-cache-size may
+    be combined, and which L2 cache entry sizes are valid."""
+    cluster = header.cluster_size
+    # The L2 tables of the whole disk, in whole clusters.
+    l2_tables = -(-header.size // cluster) * 8
+    max_l2_cache = -(-l2_tables // cluster) * cluster
+    combined = options.get("cache-size")
+    l2_setting = options.get("l2-cache-size", _DEFAULT_L2_CACHE_MAX)
+    refcount = options.get("refcount-cache-size", 0)
+    l2_size = min(max_l2_cache, l2_setting)
+    if combined is not None:
+        if "l2-cache-size" in options and "refcount-cache-size" in options:
+            raise QMPError("cache-size, l2-cache-size and refcount-cache-size may not "
+                           "be set at the same time")
+        if "l2-cache-size" in options and l2_setting > combined:
+            raise QMPError("l2-cache-size may not exceed cache-size")
+        if refcount > combined:
+            raise QMPError("refcount-cache-size may not exceed cache-size")
+        if "l2-cache-size" in options:
+            refcount = combined - l2_size
+        elif "refcount-cache-size" in options:
+            l2_size = combined - refcount
+        else:
+            min_refcount = _MIN_REFCOUNT_CACHE_ENTRIES * cluster
+            if combined >= max_l2_cache + min_refcount:
+                l2_size = max_l2_cache
+            else:
+                l2_size = combined - min(combined, min_refcount)
+            refcount = combined - l2_size
+    entry = options.get("l2-cache-entry-size", cluster)
+    if l2_size < max_l2_cache and "l2-cache-entry-size" not in options:
+        entry = min(cluster, 4096)
+    if entry < (1 << C.MIN_CLUSTER_BITS) or entry > cluster or entry & (entry - 1):
+        raise QMPError("L2 cache entry size must be a power of two between "
+                       f"{1 << C.MIN_CLUSTER_BITS} and the cluster size ({cluster})")
+    if l2_size // entry > _INT_MAX:
+        raise QMPError("L2 cache size too big")
+    if refcount // cluster > _INT_MAX:
+        raise QMPError("Refcount cache size too big")
