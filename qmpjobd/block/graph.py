@@ -141,7 +141,7 @@ class BlockGraph:
             raise
 
     def _open(self, options: dict, created: list[BlockNode],
-              flat: dict | None = None) -> BlockNode:
+              flat: dict | None = None, inline_child: bool = False) -> BlockNode:
         """Open one node. ``flat`` is how QEMU would hold its options (flattened,
         in QEMU's insertion order); it only shapes json: filenames.
 
@@ -156,7 +156,9 @@ class BlockGraph:
         if flat is None:
             flat = flatten_options(options)
         cls = driver_class(options["driver"])
-        check_generic_options(options)
+        # A child its parent opens defaults to discard=unmap (bdrv_inherited_options);
+        # the default is not stored, so that only a user's own choice shows.
+        check_generic_options(options, default_discard="unmap" if inline_child else None)
         try:
             node = self._open_named(cls, options, created, flat)
         except BaseException:
@@ -277,7 +279,7 @@ class BlockGraph:
         # ... and auto-read-only the same way (bdrv_inherited_options).
         if "auto-read-only" in parent_options and "auto-read-only" not in child_options:
             child_options["auto-read-only"] = parent_options["auto-read-only"]
-        node = self._open(child_options, created, flat)
+        node = self._open(child_options, created, flat, inline_child=True)
         if inherited:
             # Not the user's own choice: a reopen read-write takes it along.
             node.read_only_inherited = True
@@ -791,9 +793,11 @@ def _move_backends(old: BlockNode, new: BlockNode, only: list | None = None) -> 
     return moved
 
 
-def check_generic_options(options: dict) -> None:
-    """Checks QEMU makes on BlockdevOptions members common to every driver."""
-    if options.get("detect-zeroes") == "unmap" and options.get("discard") != "unmap":
+def check_generic_options(options: dict, default_discard: str | None = None) -> None:
+    """Checks QEMU makes on BlockdevOptions members common to every driver
+    (``default_discard``: what an absent ``discard`` means for this node)."""
+    if options.get("detect-zeroes") == "unmap" \
+            and options.get("discard", default_discard) != "unmap":
         raise QMPError("setting detect-zeroes to unmap is not allowed without "
                        "setting discard operation to unmap")
     if options.get("force-share") and not options.get("read-only"):
