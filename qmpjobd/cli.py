@@ -545,11 +545,14 @@ async def start(config: Config) -> Running:
     the process), so an embedding program keeps control of both. On failure
     nothing is left listening.
     """
+    from qmpjobd.block import iowait
     from qmpjobd.commands import load_all
     from qmpjobd.dispatch import Dispatcher
     from qmpjobd.server import Server
 
     check_socket_paths(config, config.allowed_dirs)
+    # File I/O through an executor whose requests a drain can wait for.
+    iowait.install(asyncio.get_running_loop())
     daemon = build_daemon(config)
     server = Server(daemon, Dispatcher(daemon, load_all()), config.monitors)
     server.shutdown_grace_s = config.shutdown_timeout

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from qmpjobd.versions import Behaviour, Personality
 
@@ -137,3 +138,20 @@ def visible_sections(personality: Personality, changes: tuple[str, ...]) -> int:
     """How many pairs an unrelated running job shows for ``changes`` made one after
     the other, none inside another (what the tests count)."""
     return sum(section_kind(personality, c) is not SectionKind.NONE for c in changes)
+
+
+def wait_until_quiet(poll_while: Callable[[Callable[[], bool]], bool],
+                     busy: Callable[[], bool], jobs: Callable[[], Iterable[Any]]) -> bool:
+    """A drained section's BDRV_POLL_WHILE(busy): main-loop passes, and where QEMU
+    would block in aio_poll for a job's request (a rate-limited stream inside its
+    chunk), that request is finished now and the job runs on to its pause point.
+    False when ``busy`` still holds and nothing more can be finished here."""
+    while not poll_while(busy):
+        if not any(job.drained_poll() and _finish_request(job) for job in list(jobs())):
+            return False
+    return True
+
+
+def _finish_request(job: Any) -> bool:
+    finish = getattr(job, "finish_request_in_flight", None)   # block jobs only
+    return finish is not None and finish()

@@ -18,7 +18,7 @@ import contextlib
 import re
 from typing import Any, Iterable, Iterator
 
-from qmpjobd.block.drain import GRAPH_CHANGES, SectionKind, operation_changes
+from qmpjobd.block.drain import GRAPH_CHANGES, SectionKind, operation_changes, wait_until_quiet
 from qmpjobd.block import permissions
 from qmpjobd.block.drivers import driver_class
 from qmpjobd.block.node import BlockNode, extract_child_options, flatten_options
@@ -548,7 +548,8 @@ class BlockGraph:
                 self.pause_job_for_drain(job)
         # BDRV_POLL_WHILE(bdrv_drain_poll): the main loop runs until nothing on
         # the quiesced nodes is in flight and no job using them can issue more.
-        self.jobs.poll_while(lambda: self._drain_busy(quiesced))
+        wait_until_quiet(self.jobs.poll_while, lambda: self._drain_busy(quiesced),
+                         lambda: [job for node in quiesced for job in node.job_users])
 
     @staticmethod
     def _drain_busy(quiesced: list[BlockNode]) -> bool:

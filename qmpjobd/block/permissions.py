@@ -265,6 +265,8 @@ BACKEND_PERMS: dict[str, tuple[int, int]] = {
     "writable-export": (CONSISTENT_READ | WRITE, CONSISTENT_READ | WRITE | WRITE_UNCHANGED),
     # mirror_start_job's target BlockBackend.
     "mirror-target": (WRITE, WRITE_UNCHANGED),
+    # stream_start's BlockBackend on its copy-on-read filter (it reads through it).
+    "stream-filter": (CONSISTENT_READ, CONSISTENT_READ | WRITE | WRITE_UNCHANGED),
 }
 
 
@@ -389,8 +391,11 @@ def detach_owner(graph: "BlockGraph", owner: Any) -> None:
 
 
 def _backend_kind(owner: Any) -> str:
-    if getattr(owner, "job_type", None) == "mirror":
+    job_type = getattr(owner, "job_type", None)
+    if job_type == "mirror":
         return "mirror-target"
+    if job_type == "stream":
+        return "stream-filter"
     return "writable-export" if getattr(owner, "writable", False) else "export"
 
 

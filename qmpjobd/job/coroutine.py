@@ -91,6 +91,19 @@ class CoroutineRunner:
     def waiting_for_future(self) -> bool:
         return self._waiting is not None
 
+    @property
+    def awaited_future(self) -> "asyncio.Future | None":
+        return self._waiting
+
+    def resume_if_done(self) -> bool:
+        """Step now if the awaited future is already done (a drain resolved the
+        request early); its done-callback, run later by the loop, is then a no-op."""
+        future = self._waiting
+        if future is None or not future.done():
+            return False
+        self._on_future_done(future)
+        return True
+
     def enter(self) -> None:
         """Run the coroutine now until its next yield (QEMU's qemu_coroutine_enter)."""
         assert not self.running, f"{self!r}: entering a running coroutine"

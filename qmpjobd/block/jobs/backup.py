@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from qmpjobd.block.drivers.copy_before_write import (
     BlockCopyState,
@@ -142,7 +142,7 @@ class BackupJob(BlockJob):
 
     __slots__ = ("source", "target", "sync", "on_source_error", "on_target_error", "perf",
                  "cluster_size", "length", "dirty", "_in_flight_bytes", "discard_source",
-                 "bcs", "sync_bitmap", "bitmap_mode", "_notifier", "filter")
+                 "bcs", "sync_bitmap", "bitmap_mode", "_notifier", "filter", "_pool")
 
     job_type = "backup"
 
@@ -248,6 +248,11 @@ class BackupJob(BlockJob):
     def on_speed_changed(self, speed: int) -> None:
         # A new limit applies at once: recompute the current rate-limit wait.
         self.wake(_RATE_WAIT)
+
+    def request_runners(self) -> "Iterable[CoroutineRunner]":
+        # The chunk copies in flight, then the job (which waits for them).
+        pool = getattr(self, "_pool", None)
+        return (*(pool.active if pool is not None else ()), *super().request_runners())
 
     def drained_poll(self) -> bool:
         """A chunk copy in flight is a request on the source and the target in
@@ -370,7 +375,7 @@ class BackupJob(BlockJob):
 
     async def _copy_pass(self) -> _CopyFailure | None:
         """Dispatch dirty chunks until done, failed, cancelled or asked to pause."""
-        pool = _WorkerPool(self, self.perf.max_workers)
+        pool = self._pool = _WorkerPool(self, self.perf.max_workers)
         chunk_limit = min(x for x in (max(self.cluster_size, CHUNK_MAX), self.perf.max_chunk) if x)
         offset = 0
         # QEMU's block-copy call runs in a coroutine of its own and the job looks

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
-from qmpjobd.block import permissions
+from qmpjobd.block import iowait, permissions
 from qmpjobd.errors import QMPError
 from qmpjobd.job.job import Job, error_text_for
 from qmpjobd.job.faults import faults_of
@@ -33,6 +33,7 @@ from qmpjobd.versions import Behaviour, personality as personality_named
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpjobd.block.node import BlockNode
+    from qmpjobd.job.coroutine import CoroutineRunner
     from qmpjobd.job.manager import JobManager
 
 NS_PER_SECOND = 1_000_000_000
@@ -194,6 +195,21 @@ class BlockJob(Job):
         before doing anything, and a completed one does nothing. Drivers refine it.
         """
         return self.busy and not self.is_completed
+
+    def finish_request_in_flight(self) -> bool:
+        """A drain waits for this job (BDRV_POLL_WHILE blocking in aio_poll): when
+        the job waits for a thread-pool request of its own, finish that request and
+        run the job on from it now, to its next wait (a pause point, while the drain
+        asks for a pause). False when there is no such request to wait for."""
+        for runner in self.request_runners():
+            if iowait.finish(runner.awaited_future):
+                return runner.resume_if_done()
+        return False
+
+    def request_runners(self) -> "Iterable[CoroutineRunner]":
+        """The coroutines that may wait for this job's requests: the job's own;
+        drivers with copy workers (backup) put theirs first."""
+        return () if self._runner is None else (self._runner,)
 
     def fault_node(self, is_read: bool) -> "BlockNode | None":
         """Where a test-control I/O fault fails this job's requests: reads of its

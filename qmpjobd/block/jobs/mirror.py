@@ -38,7 +38,7 @@ source gives a sparse-where-possible target with identical contents.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from qmpjobd.block.bitmap import ClusterBitmap
 from qmpjobd.block.drivers.mirror_top import MirrorTopNode
@@ -315,10 +315,6 @@ class MirrorJob(BlockJob):
         if not self.paused and not self.is_cancelled and not self._in_drain:
             return True
         return bool(self._ops)
-
-    def request_runners(self) -> "Iterable[CoroutineRunner]":
-        # The copy operations in flight, then the job (which waits for them).
-        return (*self._ops, *super().request_runners())
 
     async def on_pause(self) -> None:
         # QEMU's mirror_pause: no operation may be in flight while paused.

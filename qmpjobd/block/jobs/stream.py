@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Callable
 
+from qmpjobd.block import permissions
 from qmpjobd.block.drivers.copy_on_read import CopyOnReadNode
 from qmpjobd.block.formats.qcow2.backing import (
     UNALLOCATED,
@@ -49,6 +50,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from qmpjobd.job.manager import JobManager
 
 STREAM_CHUNK = 512 * 1024
+
+# stream_start's holds on the device and on the nodes down to the base (name,
+# perm, shared): nothing taken, and resize (and below the device, writes) not
+# shared, as x-debug-query-block-graph shows them.
+_BASIC_SHARED = permissions.CONSISTENT_READ | permissions.WRITE_UNCHANGED
+ACTIVE_NODE_EDGE = ("active node", 0, _BASIC_SHARED | permissions.WRITE)
+INTERMEDIATE_NODE_EDGE = ("intermediate node", 0, _BASIC_SHARED)
 
 # Observed: 7.2 makes a device that was read-only read-only again after the job;
 # 10.0 and 11.1 leave it read-write (the release in between was not pinned down).
@@ -129,12 +137,16 @@ class StreamJob(BlockJob):
             self._drop_filter(close=True)
             self._restore_read_only()
             raise
+        # The job's populate reads go through a BlockBackend of its own on the
+        # filter (QEMU's s->blk): blockdev-del of the filter then says "is in use",
+        # and x-debug-query-block-graph shows it. It goes in clean().
+        self.filter.backend_users.append(self)
         with graph.graph_change("job-add-node"):
-            self.attach_node(device, block=True)
+            self.attach_node(device, block=True, edge=ACTIVE_NODE_EDGE)
         for node in chain_nodes(device.filter_or_cow_child(), base) \
                 if device.filter_or_cow_child() is not None else []:
             with graph.graph_change("job-add-node"):
-                self.attach_node(node, block=True)
+                self.attach_node(node, block=True, edge=INTERMEDIATE_NODE_EDGE)
 
     # ------------------------------------------------------------------ run
 
@@ -242,9 +254,15 @@ class StreamJob(BlockJob):
             self.graph.graph_changes("replace-node")
             with self.graph.graph_change("drop-filter"):
                 self.graph.remove_filter_from_chain(self.filter)
+        # stream_clean's blk_unref(s->blk), after the filter left the chain.
+        self._drop_backend()
         if self.graph.personality.has(STREAM_RESTORES_READ_ONLY):
             self._restore_read_only()
         super().clean()
+
+    def _drop_backend(self) -> None:
+        if self in self.filter.backend_users:
+            self.filter.backend_users.remove(self)
 
     def _restore_read_only(self) -> None:
         if self.device_read_only and self.reopen is not None:
@@ -254,6 +272,7 @@ class StreamJob(BlockJob):
     def on_free(self) -> None:
         # block_job_free: the job lets go of its nodes, and with its hold on the
         # filter the filter's last reference goes (its close nested inside).
+        self._drop_backend()      # a job that failed before it ran keeps none
         with self.block_graph.graph_change("job-remove-nodes"):
             self.release_nodes()
             if self.graph.nodes.get(self.filter.node_name) is self.filter:
