@@ -35,6 +35,8 @@ STEPS: list[tuple[str, dict]] = [
                       "read-only": True, "file": {"driver": "file", "filename": "imm.raw"}}),
     ("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "b"}),
     ("blockdev-add", {"driver": "null-co", "node-name": "src", "size": MiB}),
+    # A backup's copy-before-write filter cannot take the target: its creation fails.
+    ("blockdev-backup", {"job-id": "bk", "device": "src", "target": "b", "sync": "full"}),
     ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}),
     ("block-export-add", {"type": "nbd", "id": "w", "node-name": "b", "writable": True}),
     ("block-export-add", {"type": "nbd", "id": "r", "node-name": "b"}),
@@ -86,4 +88,5 @@ def test_auto_read_only_matches_the_real_daemon(version, tmp_path) -> None:
     # The steps really reach both sides of auto-read-only: the immutable image opens
     # only with it, and a writer fails on it.
     assert "Operation not permitted" in expected[0] and '"return"' in expected[1]
-    assert "Operation not permitted" in expected[8]
+    assert "Could not create node: Could not open" in expected[7]
+    assert "Operation not permitted" in expected[9]

@@ -45,6 +45,7 @@ from qmpjobd.block.drivers.copy_before_write import (
     relinked_first,
     target_cluster_size,
 )
+from qmpjobd.block import permissions
 from qmpjobd.block.offload import failed_on_read
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.block.status import depth
@@ -225,6 +226,12 @@ class BackupJob(BlockJob):
         self.filter = CopyBeforeWriteNode.for_backup(graph, filter_name, filter_auto,
                                                      source, target, self.bcs)
         try:
+            # QEMU opens the filter before the job exists: what its edges cannot
+            # have (a target that may not be written) fails the filter's creation.
+            try:
+                permissions.refresh(graph)
+            except QMPError as exc:
+                raise QMPError(f"Could not create node: {exc.desc}") from None
             super().__init__(manager, job_id, self.filter, speed=speed,
                              auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
                              txn=txn)
