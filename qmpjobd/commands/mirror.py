@@ -178,7 +178,8 @@ def block_job_change(ctx: Context, args: dict) -> dict:
     other ``type`` reads as copy mode ``background``."""
     job = ctx.daemon.jobs.find_block_job(args["id"])
     check_verb(job, JobVerb.CHANGE)
-    change = getattr(job, "change_copy_mode", None)
+    # Active commit runs mirror's code but its driver has no .change callback.
+    change = getattr(job, "change_copy_mode", None) if job.job_type == "mirror" else None
     if change is None:
         raise QMPError("Job type does not support change")
     change(args["copy-mode"] if args["type"] == "mirror" else "background")

@@ -177,13 +177,19 @@ class RawClient:
         """Messages that arrive until ``quiet`` seconds pass without one, and
         whether the server closed the connection."""
         messages = []
-        while True:
-            try:
-                messages.append(self.recv_message(timeout=quiet))
-            except (socket.timeout, TimeoutError):
-                return messages, False
-            except EOFError:
-                return messages, True
+        # The short timeout is for this call only: a later recv_message() without
+        # one would otherwise give up after ``quiet`` seconds (a slow reply under load).
+        previous = self.sock.gettimeout()
+        try:
+            while True:
+                try:
+                    messages.append(self.recv_message(timeout=quiet))
+                except (socket.timeout, TimeoutError):
+                    return messages, False
+                except EOFError:
+                    return messages, True
+        finally:
+            self.sock.settimeout(previous)
 
     def close(self) -> None:
         self.sock.close()
