@@ -38,7 +38,7 @@ source gives a sparse-where-possible target with identical contents.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from qmpjobd.block.bitmap import ClusterBitmap
 from qmpjobd.block.drivers.mirror_top import MirrorTopNode
@@ -241,7 +241,9 @@ class MirrorJob(BlockJob):
         self.should_complete = False
         self.synced = False
         self.failure_ret = 0
-        self._ops: set[CoroutineRunner] = set()
+        # Operations in flight, oldest first (a dict keeps dispatch order, so a
+        # drain finishes them in the order they were issued).
+        self._ops: dict[CoroutineRunner, None] = {}
         self._bytes_in_flight = 0
         self._ops_changed = object()      # park reason: an operation finished
         self._source_drained = False
@@ -309,12 +311,24 @@ class MirrorJob(BlockJob):
 
     def drained_poll(self) -> bool:
         """QEMU's mirror_drained_poll: a mirror that is neither paused, cancelled nor
-        draining itself may still issue requests; otherwise only its operations count."""
-        if not super().drained_poll():
+        draining itself may still issue requests; otherwise only its operations count.
+
+        An operation in flight counts even while the job is parked for it: QEMU's
+        job stays busy in that wait (a coroutine queue, not a job yield), and a
+        drain waits for the operation's requests either way; the drain can then
+        finish them (``request_runners``)."""
+        if self.is_completed:
             return False
-        if not self.paused and not self.is_cancelled and not self._in_drain:
+        if self._ops:
             return True
-        return bool(self._ops)
+        return (super().drained_poll() and not self.paused and not self.is_cancelled
+                and not self._in_drain)
+
+    def request_runners(self) -> "Iterable[CoroutineRunner]":
+        # The copy operations in flight (a drain finishes their thread-pool
+        # requests one by one; the last one done wakes the job on to its pause
+        # point), then the job itself.
+        return (*self._ops, *super().request_runners())
 
     async def on_pause(self) -> None:
         # QEMU's mirror_pause: no operation may be in flight while paused.
@@ -533,7 +547,7 @@ class MirrorJob(BlockJob):
         self._bytes_in_flight += length
         runner = CoroutineRunner(self._op(offset, length, method), on_done=self._op_done,
                                  name=f"mirror {self.id} op {offset}")
-        self._ops.add(runner)
+        self._ops[runner] = None
         runner.enter()
 
     async def _op(self, offset: int, length: int, method: str) -> None:
@@ -586,7 +600,7 @@ class MirrorJob(BlockJob):
         await self.target.co_pwrite(offset, bytes(length))
 
     def _op_done(self, runner: CoroutineRunner) -> None:
-        self._ops.discard(runner)
+        self._ops.pop(runner, None)
         self.wake(self._ops_changed)
 
     async def _wait_for_any_op(self) -> None:
