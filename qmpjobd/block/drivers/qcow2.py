@@ -109,16 +109,22 @@ class SyncStorage(NodeStorage):
             await self.pwrite(offset, bytes(end - offset))
 
 
-def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False) -> None:
+def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False,
+               ordering_flushes: bool = True) -> None:
     """Write ``image``'s cached metadata (dirty L2 tables, refcount blocks) to
     ``node``'s file, synchronously: used where the node is drained or closing
-    (close, going read-only, inactivation), so nothing else is in flight."""
+    (close, going read-only, inactivation), so nothing else is in flight.
+
+    ``ordering_flushes`` False leaves out the flushes between dependent tables:
+    what is written reaches the kernel in order, which is all a SIGKILL needs (a
+    power cut waits for the node's next flush, as with QEMU)."""
     if image.read_only:
         return
     storage = SyncStorage(node.children["file"])
     for step in image.pending_writes():
         if step is None:
-            run_now(storage.flush())
+            if ordering_flushes:
+                run_now(storage.flush())
         else:
             run_now(storage.pwrite(*step))
     if flush:

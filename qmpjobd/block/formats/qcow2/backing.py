@@ -56,11 +56,12 @@ def change_backing_file(node: "BlockNode", name: str | None, fmt: str | None) ->
     # The chain's cached L2 tables and refcounts go out first: a header that no
     # longer names the old backing file must never meet files that lack the
     # clusters a stream copied up or a commit copied down (a SIGKILL right after
-    # it would lose them).
+    # it would lose them). Written, not flushed, like the header itself: a flush
+    # here would write out the whole copied data inside the job.
     layer: "BlockNode | None" = node
     while layer is not None:
         if isinstance(getattr(layer, "image", None), type(image)):
-            write_back(layer, layer.image)  # type: ignore[attr-defined]
+            write_back(layer, layer.image, ordering_flushes=False)  # type: ignore[attr-defined]
         layer = layer.filter_or_cow_child()
     header = image.header
     old = (header.backing_file, header.backing_format)
