@@ -398,8 +398,13 @@ class BlockNode:
 
     @property
     def discard_unmap(self) -> bool:
-        """Opened with discard=unmap (QEMU's BDRV_O_UNMAP): discards reach the driver."""
-        return self.options.get("discard") in ("unmap", "on")
+        """Opened with discard=unmap (QEMU's BDRV_O_UNMAP): discards reach the driver.
+        A node its parent opened (inline options, a backing named in a header)
+        defaults to unmap, as bdrv_inherited_options makes it in QEMU."""
+        discard = self.options.get("discard")
+        if discard is None:
+            return not self.monitor_owned
+        return discard in ("unmap", "on")
 
     async def co_pdiscard(self, offset: int, length: int) -> None:
         """Discard a range: nothing happens (and nothing yields) unless the node was

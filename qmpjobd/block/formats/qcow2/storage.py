@@ -134,9 +134,7 @@ class NodeStorage:
 
 
 def passes_discard(node: "BlockNode") -> bool:
-    if "discard" in node.options:
-        return node.discard_unmap
-    return not node.monitor_owned
+    return node.discard_unmap
 
 
 def resize_host_file(fd: int, length: int, preallocation: str) -> None:
