@@ -28,7 +28,7 @@ import os
 import stat
 
 from qmpjobd.block.locking import ImageLocks, locking_enabled
-from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.block.node import BlockNode, io_error, punch_hole
 from qmpjobd.block.permissions import WRITE
 from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
@@ -147,8 +147,15 @@ class FileNode(BlockNode):
         await loop.run_in_executor(None, write_fully, fd, offset, data)
 
     async def _pdiscard(self, offset: int, length: int) -> None:
-        # Zeroes written, not a punched hole: the range reads back the same.
-        await self._pwritev(offset, bytes(min(length, max(0, self.size - offset))))
+        # file-posix punches a hole (the range then reads zeroes and takes no
+        # space); where the file system cannot, zeroes are written instead.
+        length = min(length, max(0, self.size - offset))
+        if not length:
+            return
+        fd = self._require_fd()
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, punch_hole, fd, offset, length):
+            await self._pwritev(offset, bytes(length))
 
     async def _flush(self) -> None:
         fd = self._require_fd()

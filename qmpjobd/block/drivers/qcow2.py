@@ -163,6 +163,7 @@ class Qcow2Node(BlockNode):
         check_runtime_options(image.header, self.options,
                               self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
         image.storage = NodeStorage(file)
+        image.passes_request_discards = self._passes_request_discards
         image.corruption_listener = self._corruption_event
         self.image = image
         self.size = image.size
@@ -451,6 +452,12 @@ class Qcow2Node(BlockNode):
             image.remember_l2(l2_offset, table)
             entry = image.entry_from(table, offset)
         return _entry_kind_name(entry)
+
+    def _passes_request_discards(self) -> bool:
+        """pass-discard-request, by default on exactly when the node itself takes
+        discards (discard=unmap, or the default of a node its parent opened)."""
+        option = self.options.get("pass-discard-request")
+        return self.discard_unmap if option is None else bool(option)
 
     def can_write_zeroes_with_unmap(self) -> bool:
         return self.discard_unmap

@@ -126,6 +126,10 @@ class Qcow2Image:
         self.l1 = l1
         self.reftable = reftable
         self.free_cluster_index = 0
+        # QEMU's pass-discard-request: whether clusters a guest discard or an
+        # unmapping zero write frees are discarded on the file too (the node's
+        # driver sets it; it defaults to the node's own discard=unmap).
+        self.passes_request_discards: Callable[[], bool] = lambda: False
         self.l2_cache = TableCache("l2", options.l2_cache_entries)
         self.refcount_cache = TableCache("refcount", options.refcount_cache_entries)
         self.data_since_flush = False
@@ -1125,14 +1129,28 @@ class Qcow2Image:
             self.refcount_cache.mark_dirty(block_offset)
             self._cluster_freed(cluster_offset, block_offset, False)
 
-    async def _release_entry(self, entry: int) -> None:
-        """Drop the reference an L2 entry held (after the entry was changed)."""
+    async def _release_entry(self, entry: int, discard: bool = False) -> None:
+        """Drop the reference an L2 entry held (after the entry was changed);
+        ``discard``: a cluster that becomes free is queued for the file's discard."""
         kind = self.cluster_kind(entry)
         if kind in (NORMAL, ZERO_ALLOC):
-            await self.free_clusters(entry & C.L2E_OFFSET_MASK, self.cluster_size)
+            await self.free_clusters(entry & C.L2E_OFFSET_MASK, self.cluster_size,
+                                     snapshot_discard=discard)
         elif kind == COMPRESSED:
             first, length = self.compressed_range(entry)
-            await self.free_clusters(first, length)
+            await self.free_clusters(first, length, snapshot_discard=discard)
+
+    async def _release_freed(self, entries: list[int]) -> None:
+        """Drop the references of entries a guest discard or an unmapping zero
+        write replaced; with pass-discard-request the clusters that became free
+        are discarded on the file too, once their refcounts are on the disk."""
+        if not entries:
+            return
+        discard = self.passes_request_discards()
+        for entry in entries:
+            await self._release_entry(entry, discard)
+        if discard:
+            await self.process_discards()
 
     def compressed_range(self, entry: int) -> tuple[int, int]:
         """(offset, length) of the host bytes a compressed entry's refcount covers."""
@@ -1220,8 +1238,7 @@ class Qcow2Image:
                 self.l2_cache.mark_dirty(l2_offset)
                 if unmap:
                     freed.append(old)
-            for old in freed:
-                await self._release_entry(old)
+            await self._release_freed(freed)
             offset += chunk
 
     async def _write_zero_data(self, offset: int, length: int) -> None:
@@ -1292,8 +1309,7 @@ class Qcow2Image:
                 self.l2_cache.mark_dirty(l2_offset)
                 if not (keep and new & C.L2E_OFFSET_MASK):
                     freed.append(old)
-            for old in freed:
-                await self._release_entry(old)
+            await self._release_freed(freed)
             offset += chunk
 
     # --- block status -------------------------------------------------------------------
