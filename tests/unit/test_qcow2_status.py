@@ -6,7 +6,6 @@ for tables not cached yet."""
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from qmpjobd.block.graph import BlockGraph
 from qmpjobd.job.clock import VirtualClock
 from tests.unit.test_block_drivers import Jobs
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
 
 CLUSTER = 512
 SIZE = 200 * 1024 + 1536       # not a whole number of L2 tables
