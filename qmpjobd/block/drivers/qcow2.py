@@ -28,7 +28,7 @@ from qmpjobd.block.formats.qcow2.backing import full_backing_filename, open_head
 from qmpjobd.block.formats.qcow2.header import check_runtime_options
 from qmpjobd.block.formats.qcow2.image import CorruptionError, Options, Qcow2Image
 from qmpjobd.block.formats.qcow2.storage import NodeStorage
-from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.block.node import BlockNode, io_error, punch_hole
 from qmpjobd.block.permissions import check_new_parent
 from qmpjobd.block.personality import QEMU_OPT_SIZE_RANGE_REWORDED
 from qmpjobd.errors import QMPError
@@ -99,14 +99,16 @@ class SyncStorage(NodeStorage):
             os.fdatasync(self.host[0])
 
     async def discard(self, offset: int, length: int) -> None:
-        from qmpjobd.block.formats.qcow2.storage import passes_discard
         if self.host is None:
             await super().discard(offset, length)
             return
-        # The file driver's discard writes zeroes; here directly, as open does I/O.
-        end = min(offset + length, os.fstat(self.host[0]).st_size)
-        if end > offset and passes_discard(self.node):
-            await self.pwrite(offset, bytes(end - offset))
+        # The file driver's discard (a punched hole, zeroes where the file system
+        # cannot punch); here directly, as the open and resize paths do I/O.
+        fd, base = self.host
+        end = min(base + offset + length, os.fstat(fd).st_size)
+        if end > base + offset and self.node.discard_unmap \
+                and not punch_hole(fd, base + offset, end - base - offset):
+            await self.pwrite(offset, bytes(end - base - offset))
 
 
 def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False,

@@ -60,7 +60,7 @@ def change_backing_file(node: "BlockNode", name: str | None, fmt: str | None) ->
     # here would write out the whole copied data inside the job.
     layer: "BlockNode | None" = node
     while layer is not None:
-        if isinstance(getattr(layer, "image", None), type(image)):
+        if is_qcow2(layer):
             write_back(layer, layer.image, ordering_flushes=False)  # type: ignore[attr-defined]
         layer = layer.filter_or_cow_child()
     header = image.header

@@ -283,20 +283,6 @@ def _resize_storage_class() -> type:
     from qmpjobd.block.drivers.qcow2 import SyncStorage
 
     class ResizeStorage(SyncStorage):
-        async def discard(self, offset: int, length: int) -> None:
-            # The cropped clusters go as QEMU's file driver discards: a punched
-            # hole (zeroes written where the file system cannot punch).
-            from qmpjobd.block.formats.qcow2.storage import passes_discard
-            from qmpjobd.block.node import punch_hole
-
-            if self.host is None or self.node.file_child is not None \
-                    or not passes_discard(self.node):
-                await super().discard(offset, length)
-                return
-            end = min(offset + length, os.fstat(self.host[0]).st_size)
-            if end > offset and not punch_hole(self.host[0], offset, end - offset):
-                await super().discard(offset, length)
-
         async def truncate(self, length: int, preallocation: str = "off") -> None:
             if self.host is None or self.node.file_child is not None:
                 await super().truncate(length, preallocation)

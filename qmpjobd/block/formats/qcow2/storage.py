@@ -83,7 +83,7 @@ class NodeStorage:
         """Discard freed clusters on the file when it takes discards: opened with
         discard=unmap, or opened inline under the qcow2 node without a discard
         option (QEMU's children inherit "unmap" by default)."""
-        if passes_discard(self.node):
+        if self.node.discard_unmap:
             end = min(offset + length, self.node.size)
             if end > offset:
                 await self.node._pdiscard(offset, end - offset)
@@ -131,10 +131,6 @@ class NodeStorage:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, resize_host_file, fd, length, preallocation)
         self.node.size = -(-length // 512) * 512
-
-
-def passes_discard(node: "BlockNode") -> bool:
-    return node.discard_unmap
 
 
 def resize_host_file(fd: int, length: int, preallocation: str) -> None:
