@@ -6,7 +6,8 @@ node name, inline options (opened read-only unless they say otherwise), ``null``
 (no backing) or absent (the chain named in the image headers is opened read-only,
 each node with a generated name, relative names resolved against the overlay's
 directory); ``lazy-refcounts``, ``discard-no-unref``, the cache sizes,
-``overlap-check`` and ``pass-discard-*`` are accepted; ``encrypt`` and
+``overlap-check`` and ``pass-discard-*`` are accepted (``pass-discard-request``
+decides whether freed clusters are discarded on the file); ``encrypt`` and
 ``data-file`` are refused.
 
 Opening reads the header and tables synchronously, as QEMU's blockdev-add does
