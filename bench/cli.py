@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     procs.QEMU_VERSION = args.qemu_version
     cfg = Config(quick=args.quick, verbose=args.verbose)
+    procs.use_bytecode_cache(cfg.cache_dir / "pycache")
     workloads = by_name(args.only.split(",")) if args.only else WORKLOADS
     kinds = [k for k in args.daemons.split(",") if k]
     meta = {"started": time.time(), "quick": args.quick, "machine": report.machine(),

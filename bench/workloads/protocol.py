@@ -45,6 +45,9 @@ def _env(pycache_prefix: str | None) -> dict[str, str]:
     if pycache_prefix is not None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = pycache_prefix
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
     return env
 
 

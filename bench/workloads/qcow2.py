@@ -30,6 +30,7 @@ smoke test for a tiny run).
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import shutil
@@ -193,11 +194,12 @@ def create_qcow2(conn: Conn, name: str, path: Path, size: int) -> None:
 
 
 def timed_job(conn: Conn, daemon_pid: int, command: str, args: dict,
-              complete: bool) -> tuple[float, float]:
-    """Run one job to ``null``: (wall seconds, daemon CPU seconds). Raises when the
-    job ends with an error."""
+              complete: bool, size: int) -> tuple[float, float]:
+    """Run one job over images of ``size`` bytes to ``null``: (wall seconds, daemon
+    CPU seconds). Raises when the job ends with an error."""
     job = args["job-id"]
     os.sync()   # writeback of the setup's copies must not be charged to the job
+    prime_free_memory(size * 3 // 2)
     cpu0 = cpu_seconds(daemon_pid)
     start = time.perf_counter()
     conn.cmd(command, args)
@@ -211,6 +213,37 @@ def timed_job(conn: Conn, daemon_pid: int, command: str, args: dict,
     if "error" in done.get("data", {}):
         raise RuntimeError(f"{command} failed: {done['data']['error']}")
     return wall, cpu
+
+
+# Set to 0 to leave the memory alone (see prime_free_memory).
+PRIME_SWITCH_ENV = "QMPJOBD_BENCH_PRIME"
+
+
+def prime_free_memory(nbytes: int) -> None:
+    """Touch and free memory right before a timed job, so the job's page-cache pages
+    are equally cheap for both daemons.
+
+    Why: a VM whose balloon reports free pages to the host (virtio free page
+    reporting; Firecracker and others) hands the memory of pages freed about two
+    seconds earlier back to the host, and the first write to such a page costs a
+    host fault. The previous repetition frees its images' page cache when its work
+    directory goes; a daemon whose job starts later after that (qmpjobd's longer
+    start-up) wrote into reported pages and took 2-5x the kernel time for the same
+    copy. Pages freed just now are handed out first and are still backed, so
+    after this both daemons write into backed memory. On bare metal it only costs
+    the touch. ``nbytes``: what the job's page cache may take (the images' size
+    and a half). ``QMPJOBD_BENCH_PRIME=0`` switches it off."""
+    if os.environ.get(PRIME_SWITCH_ENV) == "0" or nbytes <= 0:
+        return
+    area = mmap.mmap(-1, nbytes)
+    try:
+        page = mmap.PAGESIZE
+        view = memoryview(area)
+        for offset in range(0, len(area), page):
+            view[offset] = 1
+        view.release()
+    finally:
+        area.close()
 
 
 def close_nodes(conn: Conn) -> None:
@@ -256,7 +289,7 @@ def backup(kind: str, cfg: Config) -> dict[str, float]:
             create_qcow2(conn, "tgt", target, made.raw.stat().st_size)
             wall, cpu = timed_job(conn, pid(d), "blockdev-backup",
                                   {"job-id": "copy", "device": "src", "target": "tgt",
-                                   "sync": "full"}, complete=False)
+                                   "sync": "full"}, complete=False, size=image_size(cfg))
             close_nodes(conn)
         exact = images_equal(made.raw, "raw", target, "qcow2")
     finally:
@@ -275,7 +308,7 @@ def mirror(kind: str, cfg: Config) -> dict[str, float]:
             create_qcow2(conn, "tgt", target, image_size(cfg))
             wall, cpu = timed_job(conn, pid(d), "blockdev-mirror",
                                   {"job-id": "copy", "device": "src", "target": "tgt",
-                                   "sync": "full"}, complete=True)
+                                   "sync": "full"}, complete=True, size=image_size(cfg))
             close_nodes(conn)
         exact = images_equal(made.qcow2, "qcow2", target, "qcow2")
     finally:
@@ -303,7 +336,8 @@ def commit(kind: str, cfg: Config) -> dict[str, float]:
             conn.handshake()
             _open_chain(conn, work)
             wall, cpu = timed_job(conn, pid(d), "block-commit",
-                                  {"job-id": "commit", "device": "top"}, complete=True)
+                                  {"job-id": "commit", "device": "top"}, complete=True,
+                                  size=image_size(cfg))
             close_nodes(conn)
         # The base alone must now read as the whole chain did.
         exact = images_equal(made.chain / "top.qcow2", "qcow2", work / "base.qcow2", "qcow2")
@@ -322,7 +356,8 @@ def stream(kind: str, cfg: Config) -> dict[str, float]:
             conn.handshake()
             _open_chain(conn, work)
             wall, cpu = timed_job(conn, pid(d), "block-stream",
-                                  {"job-id": "stream", "device": "top"}, complete=False)
+                                  {"job-id": "stream", "device": "top"}, complete=False,
+                                  size=image_size(cfg))
             close_nodes(conn)
         # The overlay must stand alone: without its old base it reads as the chain did.
         (work / "base.qcow2").unlink()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import threading
 import weakref
 from typing import Any, Callable
@@ -25,56 +26,131 @@ from typing import Any, Callable
 THREAD_NAME_PREFIX = "qmpjobd-io"
 
 
+class _Request:
+    """One thread-pool request of the loop thread: what to run, and what came of it."""
+
+    __slots__ = ("fn", "args", "future", "done", "delivered", "result", "error")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, future: asyncio.Future) -> None:
+        self.fn = fn
+        self.args = args
+        self.future = future
+        self.done = False           # the work has run (set by the worker)
+        self.delivered = False      # the future has its outcome (loop thread)
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
 class DrainableExecutor(concurrent.futures.ThreadPoolExecutor):
     """The loop's default executor: ``submit`` from the loop thread returns an
     asyncio future of that loop (``run_in_executor`` passes it through as it is),
-    which :func:`finish` can resolve before the loop gets to it."""
+    which :func:`finish` can resolve before the loop gets to it.
+
+    Requests of the loop thread bypass ThreadPoolExecutor's machinery: its
+    concurrent future (a Condition and an RLock each), work item and idle
+    semaphore cost more Python per request than a job's whole I/O step. Here a
+    request is one small object on a SimpleQueue, and its worker hands it back
+    with call_soon_threadsafe. Other threads' submissions use the base class.
+    The pool is ThreadPoolExecutor's size, started one thread per request
+    outstanding beyond the threads there are.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(thread_name_prefix=THREAD_NAME_PREFIX)
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._work: "weakref.WeakKeyDictionary[asyncio.Future, concurrent.futures.Future]" = (
-            weakref.WeakKeyDictionary())
+        self._requests: "queue.SimpleQueue[_Request | None]" = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._outstanding = 0          # loop thread only
+        self._by_future: dict[asyncio.Future, _Request] = {}
+        # finish() waits here; workers notify only while someone waits.
+        self._finished = threading.Condition(threading.Lock())
+        self._finish_waiters = 0
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        work = super().submit(fn, *args, **kwargs)
-        if threading.get_ident() != self._loop_thread or self._loop.is_closed():
-            return work          # not ours to resolve: asyncio wraps it as usual
+        if (kwargs or threading.get_ident() != self._loop_thread or self._loop.is_closed()
+                or self._shutdown):
+            return super().submit(fn, *args, **kwargs)  # asyncio wraps it as usual
         future = self._loop.create_future()
-        self._work[future] = work
-        # A cancelled waiter (daemon exit) cancels work that has not started.
-        future.add_done_callback(lambda done: work.cancel() if done.cancelled() else None)
-        work.add_done_callback(lambda _work: self._deliver_soon(future, work))
+        request = _Request(fn, args, future)
+        self._by_future[future] = request
+        self._outstanding += 1
+        if self._outstanding > len(self._workers) and len(self._workers) < self._max_workers:
+            self._start_worker()
+        self._requests.put(request)
         return future
 
-    def _deliver_soon(self, future: asyncio.Future, work: concurrent.futures.Future) -> None:
-        """Thread-pool side: hand the result to the loop (it may be closed by then)."""
-        try:
-            self._loop.call_soon_threadsafe(_deliver, future, work)
-        except RuntimeError:
-            pass
+    def _start_worker(self) -> None:
+        worker = threading.Thread(target=self._work, daemon=True,
+                                  name=f"{THREAD_NAME_PREFIX}_{len(self._workers)}")
+        worker.start()
+        self._workers.append(worker)
+
+    def _work(self) -> None:
+        """A pool thread: run requests until the sentinel. A request whose waiter
+        was cancelled (daemon exit) before it started is not run."""
+        while (request := self._requests.get()) is not None:
+            if not request.future.cancelled():
+                try:
+                    request.result = request.fn(*request.args)
+                except BaseException as exc:  # delivered to the awaiting coroutine
+                    request.error = exc
+            request.fn = request.args = None   # type: ignore[assignment]
+            request.done = True
+            if self._finish_waiters:
+                with self._finished:
+                    self._finished.notify_all()
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, request)
+            except RuntimeError:
+                pass            # the loop closed meanwhile
+
+    def _deliver(self, request: _Request) -> None:
+        """Loop thread: resolve the request's future unless finish() did."""
+        if request.delivered:
+            return
+        request.delivered = True
+        self._outstanding -= 1
+        _resolve(request)
+        # Forget the request only after the callbacks the result scheduled (the
+        # awaiting coroutine's step) have run: a drain in between still finds it
+        # and runs the coroutine on itself.
+        self._loop.call_soon(self._by_future.pop, request.future, None)
 
     def finish(self, future: asyncio.Future) -> bool:
         """Wait for the work behind ``future`` and resolve it now; False if
-        ``future`` is not one of this executor's."""
-        work = self._work.get(future)
-        if work is None:
+        ``future`` is not one of this executor's (or one long delivered)."""
+        request = self._by_future.get(future)
+        if request is None:
             return False
-        concurrent.futures.wait([work])
-        _deliver(future, work)
+        if not request.done:
+            with self._finished:
+                self._finish_waiters += 1
+                try:
+                    while not request.done:
+                        self._finished.wait()
+                finally:
+                    self._finish_waiters -= 1
+        self._deliver(request)
         return True
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for _ in self._workers:
+            self._requests.put(None)
+        if wait:
+            for worker in self._workers:
+                worker.join()
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
-def _deliver(future: asyncio.Future, work: concurrent.futures.Future) -> None:
+
+def _resolve(request: _Request) -> None:
+    future = request.future
     if future.done():
-        return               # resolved early by finish(), or cancelled
-    if work.cancelled():
-        future.cancel()
-    elif work.exception() is not None:
-        future.set_exception(work.exception())  # type: ignore[arg-type]
+        return               # cancelled meanwhile
+    if request.error is not None:
+        future.set_exception(request.error)
     else:
-        future.set_result(work.result())
+        future.set_result(request.result)
 
 
 _EXECUTORS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DrainableExecutor]" = (

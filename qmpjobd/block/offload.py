@@ -1,12 +1,13 @@
-"""Copy offload for job drivers: let the kernel copy between two host files.
+"""Copy offload for job drivers: copy between two host files in one pool task.
 
 ``await copy_range(source, src_offset, target, dst_offset, length)`` copies bytes
 from node to node. When both nodes map 1:1 onto host files (``file``, or ``raw``
-without error injection on top of ``file``) and the target is writable, the copy runs
-``os.copy_file_range`` in the thread pool: no data passes through Python, and
-filesystems that support it share extents (reflink) instead of copying. Otherwise it
-falls back to ``co_pread`` + ``co_pwrite``, so blkdebug rules, read-only checks and
-null-co behave exactly as for any other request.
+without error injection on top of ``file``) and the target is writable, one
+thread-pool task moves the bytes host file to host file (:func:`host_copy`):
+``os.copy_file_range`` where the filesystem shares extents (reflink), else a read
+into the pool thread's reused buffer and a write from it, so no data passes through
+Python objects. Otherwise it falls back to ``co_pread`` + ``co_pwrite``, so blkdebug
+rules, read-only checks and null-co behave exactly as for any other request.
 
 Either way the target ends up with the node-level bytes, including QEMU's zero tail
 up to the 512-byte rounded length when the source host file is shorter.
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
+import struct
+import threading
 
 from qmpjobd.block.node import BlockNode, io_error
 
@@ -47,16 +51,15 @@ async def copy_range(source: BlockNode, src_offset: int, target: BlockNode,
         target.chain_write_started(dst_offset, length)
         try:
             copied = await loop.run_in_executor(
-                None, _kernel_copy, src_fd, src_base + src_offset, dst_fd, dst_base + dst_offset,
+                None, host_copy, src_fd, src_base + src_offset, dst_fd, dst_base + dst_offset,
                 length)
         finally:
             target.chain_write_finished(dst_offset, length)
-        if copied is not None:
-            target.write_generation += 1
-            if copied < length:
-                # Past the source's host end the node reads zeroes (QEMU's rounding).
-                await target.co_pwrite(dst_offset + copied, bytes(length - copied))
-            return
+        target.write_generation += 1
+        if copied < length:
+            # Past the source's host end the node reads zeroes (QEMU's rounding).
+            await target.co_pwrite(dst_offset + copied, bytes(length - copied))
+        return
     if inside and await _copy_into_qcow2(source, src_offset, target, dst_offset, length):
         return
     try:
@@ -135,33 +138,101 @@ async def host_runs(image, offset: int, length: int) -> list[tuple[int, int]] | 
 
 def kernel_copy_exact(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
                       length: int) -> None:
-    """Exactly ``length`` bytes to ``dst_fd`` (blocking): copy_file_range, or
-    pread/pwrite where the kernel cannot; past the source's end, zeroes."""
-    copied = _kernel_copy(src_fd, src_offset, dst_fd, dst_offset, length)
-    if copied is None:
-        copied = _plain_copy(src_fd, src_offset, dst_fd, dst_offset, length)
+    """Exactly ``length`` bytes to ``dst_fd`` (blocking); past the source's end,
+    zeroes."""
+    copied = host_copy(src_fd, src_offset, dst_fd, dst_offset, length)
     if copied < length:
         write_all(dst_fd, bytes(length - copied), dst_offset + copied)
 
 
-def _plain_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
-                length: int) -> int:
+def host_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
+              length: int) -> int:
+    """Copy between host files (blocking): bytes copied, short only at the
+    source's end.
+
+    Where the filesystem shares extents (a reflink: btrfs, XFS with reflink, ...)
+    ``copy_file_range`` copies without moving data. Elsewhere the kernel's own
+    copy (splice through a pipe into the page cache) costs more CPU than a read
+    into a reused buffer and a write from it, which is what QEMU's jobs do (its
+    copy offload is off by default): measured on ext4, 512 MiB in 1 MiB requests
+    took 0.29-0.40 s of kernel time with copy_file_range and 0.23-0.32 s so.
+    """
+    if _shares_extents(src_fd, dst_fd):
+        copied = _kernel_copy(src_fd, src_offset, dst_fd, dst_offset, length)
+        if copied is not None:
+            return copied
+    return _bounce_copy(src_fd, src_offset, dst_fd, dst_offset, length)
+
+
+# struct file_clone_range {s64 src_fd; u64 src_offset, src_length, dest_offset},
+# and FICLONERANGE = _IOW(0x94, 13, that struct).
+_FICLONERANGE = 0x4020940D
+_CLONE_RANGE = struct.Struct("qQQQ")
+# A clone of a range far past any file's end: a filesystem that can share extents
+# refuses it as out of range (EINVAL) and changes nothing; one that cannot says so
+# before it looks at the range (EOPNOTSUPP, or EXDEV across filesystems). A length
+# of 0 would mean "to the end of the source": never probe with that.
+_PROBE_OFFSET = 1 << 62
+_PROBE_LENGTH = 1 << 16
+# (source device, target device) -> whether their filesystem shares extents.
+_SHARING: dict[tuple[int, int], bool] = {}
+
+
+def _shares_extents(src_fd: int, dst_fd: int) -> bool:
+    """Whether copies between these two files can share extents, asked once per
+    pair of devices."""
+    key = (os.fstat(src_fd).st_dev, os.fstat(dst_fd).st_dev)
+    known = _SHARING.get(key)
+    if known is None:
+        probe = _CLONE_RANGE.pack(src_fd, _PROBE_OFFSET, _PROBE_LENGTH, _PROBE_OFFSET)
+        try:
+            fcntl.ioctl(dst_fd, _FICLONERANGE, probe)
+            known = True          # not expected, but then it clearly clones
+        except OSError as exc:
+            known = exc.errno == errno.EINVAL
+        _SHARING[key] = known
+    return known
+
+
+_BUFFERS = threading.local()
+# QEMU's job requests are at most 1 MiB; a buffer per pool thread, reused.
+BOUNCE_BYTES = 1 << 20
+
+
+def bounce_buffer() -> memoryview:
+    """This thread's copy buffer (made on first use, then reused: new buffers
+    would cost page faults on every request)."""
+    buffer = getattr(_BUFFERS, "buffer", None)
+    if buffer is None:
+        buffer = _BUFFERS.buffer = memoryview(bytearray(BOUNCE_BYTES))
+    return buffer
+
+
+def _bounce_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
+                 length: int) -> int:
+    buffer = bounce_buffer()
     done = 0
     while done < length:
-        try:
-            data = os.pread(src_fd, min(length - done, 1 << 20), src_offset + done)
-        except OSError as exc:
-            failure = io_error(exc.errno or errno.EIO)
-            failure.is_read = True          # type: ignore[attr-defined]
-            raise failure from None
-        if not data:
+        got = read_into(src_fd, buffer[:min(length - done, BOUNCE_BYTES)], src_offset + done)
+        if not got:
             break
         try:
-            write_all(dst_fd, data, dst_offset + done)
+            write_all(dst_fd, buffer[:got], dst_offset + done)
         except OSError as exc:
             raise io_error(exc.errno or errno.EIO) from None
-        done += len(data)
+        done += got
     return done
+
+
+def read_into(fd: int, view: memoryview, offset: int) -> int:
+    """preadv into ``view``: bytes read (short only at the end of the file), its
+    errors marked as reads."""
+    try:
+        return os.preadv(fd, [view], offset)
+    except OSError as exc:
+        failure = io_error(exc.errno or errno.EIO)
+        failure.is_read = True          # type: ignore[attr-defined]
+        raise failure from None
 
 
 def write_all(fd: int, data: bytes, offset: int) -> None:

@@ -56,3 +56,70 @@ def test_kernel_copy_exact_pads_past_the_source_end(tmp_path):
         os.close(sfd)
         os.close(dfd)
     assert dst.read_bytes() == b"q" * 90 + bytes(110)
+
+
+def _copy_between(tmp_path, shares: bool, monkeypatch) -> bytes:
+    """host_copy of 3 MiB + a tail, with the filesystem's answer to the clone probe
+    forced: the result must be the same bytes either way."""
+    import errno as errno_
+
+    from qmpjobd.block import offload
+
+    calls: list[str] = []
+
+    def fake_ioctl(fd, request, arg):
+        calls.append("probe")
+        raise OSError(errno_.EINVAL if shares else errno_.EOPNOTSUPP, "probe")
+
+    def counting_cfr(*args):
+        calls.append("copy_file_range")
+        return real_cfr(*args)
+
+    real_cfr = os.copy_file_range
+    monkeypatch.setattr(offload.fcntl, "ioctl", fake_ioctl)
+    monkeypatch.setattr(offload.os, "copy_file_range", counting_cfr)
+    monkeypatch.setattr(offload, "_SHARING", {})
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    payload = os.urandom(3 * (1 << 20) + 1234)
+    src.write_bytes(payload)
+    dst.write_bytes(b"")
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR)
+    try:
+        assert offload.host_copy(sfd, 100, dfd, 7, len(payload)) == len(payload) - 100
+        assert offload.host_copy(sfd, 0, dfd, 0, 7) == 7
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    # One probe per pair of devices; copy_file_range only where extents are shared.
+    assert calls.count("probe") == 1
+    assert ("copy_file_range" in calls) == shares
+    data = dst.read_bytes()
+    assert data == payload[:7] + payload[100:]
+    return data
+
+
+def test_host_copy_uses_a_bounce_buffer_where_extents_are_not_shared(tmp_path, monkeypatch):
+    _copy_between(tmp_path, shares=False, monkeypatch=monkeypatch)
+
+
+def test_host_copy_uses_copy_file_range_where_extents_are_shared(tmp_path, monkeypatch):
+    _copy_between(tmp_path, shares=True, monkeypatch=monkeypatch)
+
+
+def test_the_clone_probe_changes_nothing(tmp_path):
+    """The real probe on this filesystem: the target keeps its bytes and length."""
+    from qmpjobd.block import offload
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"s" * 70000)
+    dst.write_bytes(b"d" * 5000)
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR)
+    try:
+        offload._SHARING.clear()
+        assert offload._shares_extents(sfd, dfd) in (True, False)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert dst.read_bytes() == b"d" * 5000

@@ -904,16 +904,8 @@ class Qcow2Image:
         host = entry & C.L2E_OFFSET_MASK
         cs = self.cluster_size
         more = -(-(limit - cluster_end) // cs) if limit > cluster_end else 0
-        zero_kinds = (ZERO_PLAIN, ZERO_ALLOC)
-        kind_of = self.cluster_kind
-        step = 1
-        for nxt in _entries(l2, index + 1, more):
-            nkind = kind_of(nxt)
-            if nkind != kind and not (nkind in zero_kinds and kind in zero_kinds):
-                break
-            if kind == NORMAL and (nxt & C.L2E_OFFSET_MASK) != host + step * cs:
-                break
-            step += 1
+        step = 1 + _same_kind_count(table_entries(l2, index + 1, more), kind, host, cs) \
+            if more else 1
         return min(cluster_end + (step - 1) * cs, limit)
 
     async def _read_run(self, kind: int, entry: int, offset: int, length: int) -> bytes:
@@ -1052,14 +1044,8 @@ class Qcow2Image:
         cs = self.cluster_size
         run = self._start_of_cluster(pos) + cs
         more = -(-(end - run) // cs) if end > run else 0
-        step = 1
-        for entry in _entries(l2, index + 1, more):
-            this_in_place = self.cluster_kind(entry) == NORMAL and bool(entry & C.OFLAG_COPIED)
-            if this_in_place != in_place:
-                break
-            if in_place and (entry & C.L2E_OFFSET_MASK) != host + step * cs:
-                break
-            step += 1
+        step = 1 + _in_place_count(table_entries(l2, index + 1, more), in_place, host, cs) \
+            if more else 1
         return min(run + (step - 1) * cs, end)
 
     async def _write_allocating(self, l2_offset: int, l2: bytearray, pos: int,
@@ -1071,7 +1057,7 @@ class Qcow2Image:
         last_end = self._start_of_cluster(end - 1) + self.cluster_size
         count = (last_end - first_cluster) >> self.cluster_bits
         index = self._l2_index(pos)
-        old_entries = _entries(l2, index, count)
+        old_entries = table_entries(l2, index, count)
         head = tail = b""
         if pos > first_cluster:
             head = await self._cluster_content(old_entries[0], first_cluster, 0,
@@ -1352,7 +1338,58 @@ def _entries_struct(count: int) -> struct.Struct:
     return packer
 
 
-def _entries(table: "bytes | bytearray", index: int, count: int) -> tuple[int, ...]:
+_ZERO_TEST = C.OFLAG_COMPRESSED | C.OFLAG_ZERO
+_IN_PLACE_TEST = C.OFLAG_COMPRESSED | C.OFLAG_ZERO | C.OFLAG_COPIED
+
+
+def _contiguous(entries: tuple[int, ...], host: int, cs: int, flags: int) -> bool:
+    """Whether ``entries`` map, with exactly ``flags``, the clusters right after
+    ``host`` one by one: the common case, tested at C speed."""
+    first = host + cs
+    return entries == tuple(range(first | flags, (first + len(entries) * cs) | flags, cs))
+
+
+def _same_kind_count(entries: tuple[int, ...], kind: int, host: int, cs: int) -> int:
+    """How many of ``entries`` continue a read run of ``kind`` (zero kinds mix;
+    NORMAL clusters must follow ``host`` contiguously; COMPRESSED never runs)."""
+    if kind == NORMAL:
+        if _contiguous(entries, host, cs, C.OFLAG_COPIED) or _contiguous(entries, host, cs, 0):
+            return len(entries)
+        for i, entry in enumerate(entries):
+            if entry & _ZERO_TEST or (entry & C.L2E_OFFSET_MASK) != host + (i + 1) * cs:
+                return i
+    elif kind == UNALLOCATED:
+        for i, entry in enumerate(entries):
+            if entry & _ZERO_TEST or entry & C.L2E_OFFSET_MASK:
+                return i
+    elif kind in (ZERO_PLAIN, ZERO_ALLOC):
+        for i, entry in enumerate(entries):
+            if entry & _ZERO_TEST != C.OFLAG_ZERO:
+                return i
+    else:
+        return 0
+    return len(entries)
+
+
+def _in_place_count(entries: tuple[int, ...], in_place: bool, host: int, cs: int) -> int:
+    """How many of ``entries`` continue a write run: clusters written in place
+    (normal, COPIED, contiguous after ``host``), or clusters that all need new
+    ones."""
+    if in_place:
+        if _contiguous(entries, host, cs, C.OFLAG_COPIED):
+            return len(entries)
+        for i, entry in enumerate(entries):
+            if (entry & _IN_PLACE_TEST != C.OFLAG_COPIED
+                    or (entry & C.L2E_OFFSET_MASK) != host + (i + 1) * cs):
+                return i
+        return len(entries)
+    for i, entry in enumerate(entries):
+        if entry & _IN_PLACE_TEST == C.OFLAG_COPIED and entry & C.L2E_OFFSET_MASK:
+            return i
+    return len(entries)
+
+
+def table_entries(table: "bytes | bytearray", index: int, count: int) -> tuple[int, ...]:
     """``count`` table entries from ``index`` on, in one unpack."""
     return _entries_struct(count).unpack_from(table, index * 8)
 

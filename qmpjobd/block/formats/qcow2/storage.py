@@ -227,12 +227,7 @@ class CheckedCopy(HostCopy):
         from qmpjobd.block.node import io_error
         from qmpjobd.block.offload import write_all
 
-        try:
-            data = self.read()
-        except OSError as exc:
-            failure = io_error(exc.errno or errno.EIO)
-            failure.is_read = True          # type: ignore[attr-defined]
-            raise failure from None
+        data = self._read_checked()
         if is_zero(data):
             self.zero = True
             return
@@ -240,3 +235,25 @@ class CheckedCopy(HostCopy):
             write_all(dst_fd, data, dst_offset)
         except OSError as exc:
             raise io_error(exc.errno or errno.EIO) from None
+
+    def _read_checked(self) -> "bytes | memoryview":
+        """All pieces, in the pool thread's copy buffer when they fit (a copy-on-read
+        step is at most 512 KiB), else as new bytes; past a piece's file end, zeroes."""
+        from qmpjobd.block.offload import BOUNCE_BYTES, bounce_buffer, read_into
+
+        if self.length > BOUNCE_BYTES:
+            from qmpjobd.block.node import io_error
+            try:
+                return self.read()
+            except OSError as exc:
+                failure = io_error(exc.errno or errno.EIO)
+                failure.is_read = True          # type: ignore[attr-defined]
+                raise failure from None
+        buffer = bounce_buffer()
+        pos = 0
+        for fd, offset, length in self.pieces:
+            got = read_into(fd, buffer[pos:pos + length], offset)
+            if got < length:
+                buffer[pos + got:pos + length] = bytes(length - got)
+            pos += length
+        return buffer[:pos]
