@@ -51,8 +51,7 @@ class DrainableExecutor(concurrent.futures.ThreadPoolExecutor):
     semaphore cost more Python per request than a job's whole I/O step. Here a
     request is one small object on a SimpleQueue, and its worker hands it back
     with call_soon_threadsafe. Other threads' submissions use the base class.
-    The pool is ThreadPoolExecutor's size, started one thread per request
-    outstanding beyond the threads there are.
+    The pool is ThreadPoolExecutor's size, all started with the first request.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -61,7 +60,6 @@ class DrainableExecutor(concurrent.futures.ThreadPoolExecutor):
         self._loop_thread = threading.get_ident()
         self._requests: "queue.SimpleQueue[_Request | None]" = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
-        self._outstanding = 0          # loop thread only
         self._by_future: dict[asyncio.Future, _Request] = {}
         # finish() waits here; workers notify only while someone waits.
         self._finished = threading.Condition(threading.Lock())
@@ -74,9 +72,13 @@ class DrainableExecutor(concurrent.futures.ThreadPoolExecutor):
         future = self._loop.create_future()
         request = _Request(fn, args, future)
         self._by_future[future] = request
-        self._outstanding += 1
-        if self._outstanding > len(self._workers) and len(self._workers) < self._max_workers:
-            self._start_worker()
+        if not self._workers:
+            # All at once, before any of them is busy: a thread start waits until
+            # the new thread holds the GIL, which busy pool threads give up only at
+            # their next system call or switch interval (up to 5 ms per start in a
+            # running job).
+            for _ in range(self._max_workers):
+                self._start_worker()
         self._requests.put(request)
         return future
 
@@ -110,7 +112,6 @@ class DrainableExecutor(concurrent.futures.ThreadPoolExecutor):
         if request.delivered:
             return
         request.delivered = True
-        self._outstanding -= 1
         _resolve(request)
         # Forget the request only after the callbacks the result scheduled (the
         # awaiting coroutine's step) have run: a drain in between still finds it
