@@ -19,6 +19,7 @@ from pathlib import Path
 from bench.client import Conn, is_status
 from bench.config import Config
 from bench.procs import cpu_seconds, daemon, pid
+from bench.workloads.qcow2 import prime_free_memory
 
 CHUNK = 8 << 20
 
@@ -75,6 +76,7 @@ def _copy_once(kind: str, cfg: Config, mode: str, source: Path, digest: str) -> 
             # Start from no dirty pages, so writeback of an earlier run's output
             # is not charged to this one.
             os.sync()
+            prime_free_memory(source.stat().st_size * 3 // 2)
             wall, cpu = _run_job(conn, pid(d), mode)
         exact = sha256(target) == digest
     finally:

@@ -136,12 +136,14 @@ class DrainableExecutor(concurrent.futures.ThreadPoolExecutor):
         return True
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # The base class first: it marks the pool shut down, so no request of the
+        # loop thread is queued behind the sentinels.
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
         for _ in self._workers:
             self._requests.put(None)
         if wait:
             for worker in self._workers:
                 worker.join()
-        super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 def _resolve(request: _Request) -> None:
