@@ -236,20 +236,16 @@ class CheckedCopy(HostCopy):
         except OSError as exc:
             raise io_error(exc.errno or errno.EIO) from None
 
-    def _read_checked(self) -> "bytes | memoryview":
+    def _read_checked(self) -> memoryview:
         """All pieces, in the pool thread's copy buffer when they fit (a copy-on-read
-        step is at most 512 KiB), else as new bytes; past a piece's file end, zeroes."""
+        step is at most 512 KiB), else in a new one; past a piece's file end, zeroes.
+        Read errors come marked as reads."""
         from qmpjobd.block.offload import BOUNCE_BYTES, bounce_buffer, read_into
 
-        if self.length > BOUNCE_BYTES:
-            from qmpjobd.block.node import io_error
-            try:
-                return self.read()
-            except OSError as exc:
-                failure = io_error(exc.errno or errno.EIO)
-                failure.is_read = True          # type: ignore[attr-defined]
-                raise failure from None
-        buffer = bounce_buffer()
+        if self.length <= BOUNCE_BYTES:
+            buffer = bounce_buffer()
+        else:
+            buffer = memoryview(bytearray(self.length))
         pos = 0
         for fd, offset, length in self.pieces:
             got = read_into(fd, buffer[pos:pos + length], offset)
