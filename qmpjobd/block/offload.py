@@ -155,7 +155,7 @@ def host_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
     copy (splice through a pipe into the page cache) costs more CPU than a read
     into a reused buffer and a write from it, which is what QEMU's jobs do (its
     copy offload is off by default): measured on ext4, 512 MiB in 1 MiB requests
-    took 0.29-0.40 s of kernel time with copy_file_range and 0.23-0.32 s so.
+    took 0.30-0.40 s of kernel time with copy_file_range and 0.26-0.32 s so.
     """
     if _shares_extents(src_fd, dst_fd):
         copied = _kernel_copy(src_fd, src_offset, dst_fd, dst_offset, length)
