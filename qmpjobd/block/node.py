@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
@@ -40,13 +41,22 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
 
-def _fallocate(fd: int, modes: tuple[int, ...], offset: int, length: int) -> bool:
-    """fallocate(2) with the first of ``modes`` the file system supports; False
-    when it supports none (the caller then writes zeroes)."""
+@functools.cache
+def _libc() -> Any:
+    """libc with fallocate(2) typed, loaded once (find_library runs ldconfig, and
+    a commit's zero writes discard on every freed run)."""
     import ctypes
     import ctypes.util
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return libc
+
+
+def _fallocate(fd: int, modes: tuple[int, ...], offset: int, length: int) -> bool:
+    """fallocate(2) with the first of ``modes`` the file system supports; False
+    when it supports none (the caller then writes zeroes)."""
+    import ctypes
+    libc = _libc()
     for mode in modes:
         if libc.fallocate(fd, mode, offset, length) == 0:
             return True
@@ -66,6 +76,22 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate a host file range, as file-posix's discard does (it then reads
     zeroes and no longer counts in actual-size)."""
     return _fallocate(fd, (_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,), offset, length)
+
+
+def discard_host_range(fd: int, offset: int, length: int) -> None:
+    """file-posix's discard of a host file range (blocking): a punched hole, or
+    zeroes written where the file system cannot punch."""
+    if not punch_hole(fd, offset, length):
+        write_fully(fd, offset, bytes(length))
+
+
+def write_fully(fd: int, offset: int, data: "bytes | bytearray | memoryview") -> None:
+    """pwrite all of ``data`` at ``offset`` (blocking; short writes continue)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        offset += written
+        view = view[written:]
 
 
 async def _zero_host_range(node: "BlockNode", host: tuple[int, int], offset: int,

@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 
-from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.block.node import BlockNode, io_error, write_fully
 
 # Errors that mean "copy_file_range cannot do this pair", not "the copy failed".
 _NOT_SUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
@@ -142,7 +142,7 @@ def kernel_copy_exact(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int
     zeroes."""
     copied = host_copy(src_fd, src_offset, dst_fd, dst_offset, length)
     if copied < length:
-        write_all(dst_fd, bytes(length - copied), dst_offset + copied)
+        write_fully(dst_fd, dst_offset + copied, bytes(length - copied))
 
 
 def host_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
@@ -217,7 +217,7 @@ def _bounce_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
         if not got:
             break
         try:
-            write_all(dst_fd, buffer[:got], dst_offset + done)
+            write_fully(dst_fd, dst_offset + done, buffer[:got])
         except OSError as exc:
             raise io_error(exc.errno or errno.EIO) from None
         done += got
@@ -233,14 +233,6 @@ def read_into(fd: int, view: memoryview, offset: int) -> int:
         failure = io_error(exc.errno or errno.EIO)
         failure.is_read = True          # type: ignore[attr-defined]
         raise failure from None
-
-
-def write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 def failed_on_read(exc: OSError) -> bool:

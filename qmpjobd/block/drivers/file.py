@@ -28,7 +28,7 @@ import os
 import stat
 
 from qmpjobd.block.locking import ImageLocks, locking_enabled
-from qmpjobd.block.node import BlockNode, io_error, punch_hole
+from qmpjobd.block.node import BlockNode, discard_host_range, io_error, write_fully
 from qmpjobd.block.permissions import WRITE
 from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
@@ -154,8 +154,7 @@ class FileNode(BlockNode):
             return
         fd = self._require_fd()
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, punch_hole, fd, offset, length):
-            await self._pwritev(offset, bytes(length))
+        await loop.run_in_executor(None, discard_host_range, fd, offset, length)
 
     async def _flush(self) -> None:
         fd = self._require_fd()
@@ -272,11 +271,3 @@ def read_fully(fd: int, offset: int, length: int) -> bytes:
         offset += len(chunk)
         length -= len(chunk)
     return b"".join(chunks)
-
-
-def write_fully(fd: int, offset: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        offset += written
-        view = view[written:]

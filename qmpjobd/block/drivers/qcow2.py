@@ -29,7 +29,7 @@ from qmpjobd.block.formats.qcow2.backing import full_backing_filename, open_head
 from qmpjobd.block.formats.qcow2.header import check_runtime_options
 from qmpjobd.block.formats.qcow2.image import CorruptionError, Options, Qcow2Image, table_entries
 from qmpjobd.block.formats.qcow2.storage import NodeStorage
-from qmpjobd.block.node import BlockNode, io_error, punch_hole
+from qmpjobd.block.node import BlockNode, discard_host_range, io_error, write_fully
 from qmpjobd.block.permissions import check_new_parent
 from qmpjobd.block.personality import QEMU_OPT_SIZE_RANGE_REWORDED
 from qmpjobd.errors import QMPError
@@ -38,13 +38,12 @@ _ABSENT = object()
 _L2_ENTRY = struct.Struct(">Q")
 
 
-_KIND_MASK = C.OFLAG_COMPRESSED | C.OFLAG_ZERO | C.L2E_OFFSET_MASK
-_ZERO_TEST = C.OFLAG_COMPRESSED | C.OFLAG_ZERO
+_KIND_MASK = C.OFLAG_KIND | C.L2E_OFFSET_MASK
 
 
 def _entry_kind_name(entry: int) -> str:
     """Block status's name for the kind of cluster an L2 entry describes."""
-    if entry & _ZERO_TEST == C.OFLAG_ZERO:
+    if entry & C.OFLAG_KIND == C.OFLAG_ZERO:
         return "zero"
     return "data" if entry & _KIND_MASK else "unallocated"
 
@@ -80,11 +79,11 @@ def _same_in_block(entries: tuple[int, ...], kind: str) -> int:
                 return i
     elif kind == "zero":
         for i, entry in enumerate(entries):
-            if entry & _ZERO_TEST != C.OFLAG_ZERO:
+            if entry & C.OFLAG_KIND != C.OFLAG_ZERO:
                 return i
     else:
         for i, entry in enumerate(entries):
-            if not entry & _KIND_MASK or entry & _ZERO_TEST == C.OFLAG_ZERO:
+            if not entry & _KIND_MASK or entry & C.OFLAG_KIND == C.OFLAG_ZERO:
                 return i
     return len(entries)
 
@@ -120,11 +119,7 @@ class SyncStorage(NodeStorage):
             return
         self.node.extend_for_write(offset + len(data))
         fd, base = self.host
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(fd, view, base + offset)
-            view = view[written:]
-            offset += written
+        write_fully(fd, base + offset, data)
 
     async def flush(self) -> None:
         if self.host is not None and not self.node.read_only:
@@ -134,13 +129,13 @@ class SyncStorage(NodeStorage):
         if self.host is None:
             await super().discard(offset, length)
             return
-        # The file driver's discard (a punched hole, zeroes where the file system
-        # cannot punch); here directly, as the open and resize paths do I/O.
+        # The file driver's discard, here directly, as the open and resize paths
+        # do I/O.
         fd, base = self.host
-        end = min(base + offset + length, os.fstat(fd).st_size)
-        if end > base + offset and self.node.discard_unmap \
-                and not punch_hole(fd, base + offset, end - base - offset):
-            await self.pwrite(offset, bytes(end - base - offset))
+        start = base + offset
+        end = min(start + length, os.fstat(fd).st_size)
+        if end > start and self.node.discard_unmap:
+            discard_host_range(fd, start, end - start)
 
 
 def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False,

@@ -70,4 +70,7 @@ REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
+# The flags that make an entry compressed or zero: an entry is a zero cluster when
+# ``entry & OFLAG_KIND == OFLAG_ZERO``, a normal or unallocated one when it is 0.
+OFLAG_KIND = OFLAG_COMPRESSED | OFLAG_ZERO
 COMPRESSED_SECTOR = 512

@@ -1338,8 +1338,7 @@ def _entries_struct(count: int) -> struct.Struct:
     return packer
 
 
-_ZERO_TEST = C.OFLAG_COMPRESSED | C.OFLAG_ZERO
-_IN_PLACE_TEST = C.OFLAG_COMPRESSED | C.OFLAG_ZERO | C.OFLAG_COPIED
+_IN_PLACE_TEST = C.OFLAG_KIND | C.OFLAG_COPIED
 
 
 def _contiguous(entries: tuple[int, ...], host: int, cs: int, flags: int) -> bool:
@@ -1356,15 +1355,15 @@ def _same_kind_count(entries: tuple[int, ...], kind: int, host: int, cs: int) ->
         if _contiguous(entries, host, cs, C.OFLAG_COPIED) or _contiguous(entries, host, cs, 0):
             return len(entries)
         for i, entry in enumerate(entries):
-            if entry & _ZERO_TEST or (entry & C.L2E_OFFSET_MASK) != host + (i + 1) * cs:
+            if entry & C.OFLAG_KIND or (entry & C.L2E_OFFSET_MASK) != host + (i + 1) * cs:
                 return i
     elif kind == UNALLOCATED:
         for i, entry in enumerate(entries):
-            if entry & _ZERO_TEST or entry & C.L2E_OFFSET_MASK:
+            if entry & C.OFLAG_KIND or entry & C.L2E_OFFSET_MASK:
                 return i
     elif kind in (ZERO_PLAIN, ZERO_ALLOC):
         for i, entry in enumerate(entries):
-            if entry & _ZERO_TEST != C.OFLAG_ZERO:
+            if entry & C.OFLAG_KIND != C.OFLAG_ZERO:
                 return i
     else:
         return 0

@@ -225,14 +225,14 @@ class CheckedCopy(HostCopy):
     def copy_to(self, dst_fd: int, dst_offset: int) -> None:
         """Read, check, write (blocking); errors as the request paths raise them."""
         from qmpjobd.block.node import io_error
-        from qmpjobd.block.offload import write_all
+        from qmpjobd.block.node import write_fully
 
         data = self._read_checked()
         if is_zero(data):
             self.zero = True
             return
         try:
-            write_all(dst_fd, data, dst_offset)
+            write_fully(dst_fd, dst_offset, data)
         except OSError as exc:
             raise io_error(exc.errno or errno.EIO) from None
 
