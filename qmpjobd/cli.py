@@ -558,10 +558,16 @@ async def start(config: Config) -> Running:
     server.shutdown_grace_s = config.shutdown_timeout
     # query-chardev also lists the chardevs that listen nowhere.
     server.all_chardevs = config.chardevs
+    # The NBD options go first: a bad --export then fails before any monitor
+    # socket exists, so nobody connects to a daemon that is about to exit
+    # (qemu-storage-daemon, given its monitors last, fails the same way).
     try:
-        await server.start()
         start_nbd_options(daemon, config.nbd_options)
+        await server.start()
     except BaseException:
+        if config.nbd_options:
+            from qmpjobd.nbd.exports import close_exports
+            close_exports(daemon)
         close_started_listeners(server)
         raise
     return Running(daemon, server)

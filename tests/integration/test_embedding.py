@@ -178,3 +178,30 @@ async def test_a_start_that_fails_part_way_closes_what_it_opened(tmp_path) -> No
         await cli.start(config)
     assert not first.exists()
     assert blocked_dir.read_text() == "mine"
+
+
+async def test_a_refused_export_fails_before_any_monitor_listens(tmp_path, monkeypatch) -> None:
+    """A bad --export stops start-up before the monitor sockets exist, so no
+    client can connect to a daemon that is about to exit; an NBD server that
+    was already listening is closed again."""
+    from qmpjobd import cli
+    from qmpjobd.server import Server
+
+    listened = []
+    real_start = Server.start
+
+    async def recording_start(self: Server) -> None:
+        listened.append(self)
+        await real_start(self)
+
+    monkeypatch.setattr(Server, "start", recording_start)
+    monitor, nbd = tmp_path / "qmp.sock", tmp_path / "nbd.sock"
+    config = cli.parse_args(["--socket", str(monitor),
+                             "--blockdev", "null-co,node-name=n0",
+                             "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                             "--export", "type=nbd,id=e0,node-name=n0,bitmaps.0=none"])
+    with pytest.raises(UsageError, match="--export"):
+        await cli.start(config)
+    assert listened == [] and not monitor.exists()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_unix_connection(str(nbd))
