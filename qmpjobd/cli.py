@@ -29,6 +29,7 @@ from qmpjobd.server import MonitorSpec
 from qmpjobd.versions import DEFAULT_VERSION, KNOWN_VERSIONS, UnknownVersion, personality
 
 if TYPE_CHECKING:
+    from qmpjobd.block.jobs import WarmUp
     from qmpjobd.daemon import Daemon
     from qmpjobd.qapi import Schema
     from qmpjobd.server import Server
@@ -482,9 +483,12 @@ class Running:
 
     daemon: "Daemon"
     server: "Server"
+    warm_up: "WarmUp | None" = None
 
     def request_stop(self) -> None:
         """Begin the exit that ``quit`` and SIGTERM begin (idempotent)."""
+        if self.warm_up is not None:
+            self.warm_up.cancel()
         self.server.shutdown()
 
     async def wait_stopped(self) -> None:
@@ -546,6 +550,7 @@ async def start(config: Config) -> Running:
     nothing is left listening.
     """
     from qmpjobd.block import iowait
+    from qmpjobd.block.jobs import WarmUp
     from qmpjobd.commands import load_all
     from qmpjobd.dispatch import Dispatcher
     from qmpjobd.server import Server
@@ -570,7 +575,9 @@ async def start(config: Config) -> Running:
             close_exports(daemon)
         close_started_listeners(server)
         raise
-    return Running(daemon, server)
+    # The job modules load in idle turns from now on, not in the first job's command.
+    warm_up = WarmUp(asyncio.get_running_loop()).start()
+    return Running(daemon, server, warm_up)
 
 
 def start_nbd_options(daemon: "Daemon", options: list[tuple[str, str]]) -> None:

@@ -176,11 +176,24 @@ _PROBE_OFFSET = 1 << 62
 _PROBE_LENGTH = 1 << 16
 # (source device, target device) -> whether their filesystem shares extents.
 _SHARING: dict[tuple[int, int], bool] = {}
+# The same answer per (source fd, target fd), so that a copy makes no fstat: each
+# system call of a pool thread gives up the GIL and takes it back, which costs
+# futex calls and waits when the loop thread and the other pool threads want it
+# too. A descriptor reused for a file elsewhere can only get the slower of two
+# correct copies (copy_file_range refused across filesystems falls back).
+_SHARING_BY_FDS: dict[tuple[int, int], bool] = {}
 
 
 def _shares_extents(src_fd: int, dst_fd: int) -> bool:
-    """Whether copies between these two files can share extents, asked once per
-    pair of devices."""
+    """Whether copies between these two files can share extents: probed once per
+    pair of devices, remembered per pair of descriptors."""
+    known = _SHARING_BY_FDS.get((src_fd, dst_fd))
+    if known is None:
+        known = _SHARING_BY_FDS[(src_fd, dst_fd)] = _probe_sharing(src_fd, dst_fd)
+    return known
+
+
+def _probe_sharing(src_fd: int, dst_fd: int) -> bool:
     key = (os.fstat(src_fd).st_dev, os.fstat(dst_fd).st_dev)
     known = _SHARING.get(key)
     if known is None:

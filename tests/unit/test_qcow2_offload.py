@@ -75,6 +75,7 @@ def _copy_between(tmp_path, shares: bool, monkeypatch) -> None:
     monkeypatch.setattr(offload.fcntl, "ioctl", fake_ioctl)
     monkeypatch.setattr(offload.os, "copy_file_range", counting_cfr)
     monkeypatch.setattr(offload, "_SHARING", {})
+    monkeypatch.setattr(offload, "_SHARING_BY_FDS", {})
     payload = os.urandom(3 * (1 << 20) + 1234)
     with file_pair(tmp_path, payload, b"") as (sfd, dfd, dst):
         assert offload.host_copy(sfd, 100, dfd, 7, len(payload)) == len(payload) - 100
@@ -83,6 +84,14 @@ def _copy_between(tmp_path, shares: bool, monkeypatch) -> None:
     assert calls.count("probe") == 1
     assert ("copy_file_range" in calls) == shares
     assert dst.read_bytes() == payload[:7] + payload[100:]
+    # Later copies between the same descriptors ask nothing of the kernel.
+    with file_pair(tmp_path, payload, b"") as (sfd, dfd, dst):
+        fstats = []
+        real_fstat = os.fstat
+        monkeypatch.setattr(offload.os, "fstat", lambda fd: fstats.append(fd) or real_fstat(fd))
+        offload.host_copy(sfd, 0, dfd, 0, 7)
+        monkeypatch.setattr(offload.os, "fstat", real_fstat)
+    assert fstats == [] and calls.count("probe") == 1
 
 
 def test_host_copy_uses_a_bounce_buffer_where_extents_are_not_shared(tmp_path, monkeypatch):
@@ -96,6 +105,7 @@ def test_host_copy_uses_copy_file_range_where_extents_are_shared(tmp_path, monke
 def test_the_clone_probe_changes_nothing(tmp_path, monkeypatch):
     """The real probe on this filesystem: the target keeps its bytes and length."""
     monkeypatch.setattr(offload, "_SHARING", {})
+    monkeypatch.setattr(offload, "_SHARING_BY_FDS", {})
     with file_pair(tmp_path, b"s" * 70000, b"d" * 5000) as (sfd, dfd, dst):
         assert offload._shares_extents(sfd, dfd) in (True, False)
     assert dst.read_bytes() == b"d" * 5000
