@@ -224,8 +224,7 @@ class CheckedCopy(HostCopy):
 
     def copy_to(self, dst_fd: int, dst_offset: int) -> None:
         """Read, check, write (blocking); errors as the request paths raise them."""
-        from qmpjobd.block.node import io_error
-        from qmpjobd.block.node import write_fully
+        from qmpjobd.block.node import io_error, write_fully
 
         data = self._read_checked()
         if is_zero(data):
