@@ -109,7 +109,7 @@ async def _zero_host_range(node: "BlockNode", host: tuple[int, int], offset: int
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, _fallocate_zero, fd, base + offset, length)
     finally:
-        node.chain_write_finished(offset, length)
+        node.chain_write_finished(offset, length, data=False)
 
 
 def io_error(code: int) -> OSError:
@@ -393,9 +393,17 @@ class BlockNode:
         for node, at in self.data_chain(offset):
             node.write_request_started(at, length)
 
-    def chain_write_finished(self, offset: int, length: int) -> None:
+    def chain_write_finished(self, offset: int, length: int, *, data: bool = True) -> None:
+        """``data``: bytes were written (not a range zeroed without writing)."""
         for node, at in self.data_chain(offset):
             node.write_request_finished(at, length)
+            if data:
+                node.data_written(at, length)
+
+    def data_written(self, offset: int, length: int) -> None:
+        """Bytes reached this node's host file without its ``_pwritev`` (copy
+        offload); a host file driver starts writeback early
+        (qmpjobd.block.writeback), other nodes ignore it."""
 
     async def co_pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False) -> None:
         """Make a range read as zeroes (QEMU's bdrv_co_pwrite_zeroes).

@@ -242,3 +242,78 @@ def test_blkdebug_immediately_decides_whether_the_error_yields(graph: BlockGraph
 def test_blkdebug_bad_align(graph: BlockGraph) -> None:
     with pytest.raises(QMPError, match="Cannot meet constraints with align 3"):
         graph.add({"driver": "blkdebug", "node-name": "b", "image": {"driver": "null-co"}, "align": 3})
+
+
+# --- early writeback (qmpjobd.block.writeback) ----------------------------------
+
+def recorded_writeback(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Replace the syscall with a recorder of (fd, offset, length)."""
+    from qmpjobd.block import writeback
+
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(writeback, "WRITEBACK_CHUNK", 1 << 20)
+    monkeypatch.setattr(writeback, "start_writeback",
+                        lambda fd, offset, length: calls.append((fd, offset, length)) or True)
+    return calls
+
+
+async def kicks_done(node) -> None:
+    """Wait until the writeback start handed to the pool (if any) has run."""
+    while node.writeback._running:
+        await asyncio.sleep(0.001)
+
+
+def test_writes_past_the_chunk_start_writeback_of_their_span(
+        graph: BlockGraph, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = recorded_writeback(monkeypatch)
+    path = write_file(tmp_path / "f.raw", bytes(8 << 20))
+    node = graph.add({"driver": "file", "node-name": "f", "filename": path})
+    half = 512 << 10
+
+    async def scenario() -> None:
+        await node.co_pwrite(4 << 20, b"a" * half)
+        await node.co_pwrite(1 << 20, b"b" * half)
+        await kicks_done(node)
+        assert calls == [(node.fd, 1 << 20, (3 << 20) + half)]
+        # A flush takes what was pending; zeroing without writing counts nothing.
+        await node.co_pwrite(0, b"c" * half)
+        await node.co_flush()
+        await node.co_pwrite(half, b"d" * half)
+        await node.co_pwrite_zeroes(2 << 20, 4 << 20)
+        await kicks_done(node)
+        assert len(calls) == 1
+        await node.co_pwrite(6 << 20, b"e" * half)
+        await kicks_done(node)
+        assert calls[1] == (node.fd, half, 6 << 20)
+    asyncio.run(scenario())
+
+
+def test_copy_offload_counts_as_written_data(
+        graph: BlockGraph, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qmpjobd.block.offload import copy_range
+
+    calls = recorded_writeback(monkeypatch)
+    source = graph.add({"driver": "file", "node-name": "s",
+                        "filename": write_file(tmp_path / "s.raw", os.urandom(2 << 20))})
+    target = graph.add({"driver": "file", "node-name": "t",
+                        "filename": write_file(tmp_path / "t.raw", bytes(2 << 20))})
+
+    async def scenario() -> None:
+        await copy_range(source, 0, target, 0, 2 << 20)
+        await kicks_done(target)
+    asyncio.run(scenario())
+    assert calls == [(target.fd, 0, 2 << 20)]
+
+
+def test_writeback_after_close_touches_no_descriptor(tmp_path: pathlib.Path) -> None:
+    from qmpjobd.block.writeback import EarlyWriteback, start_writeback
+
+    fd = os.open(write_file(tmp_path / "f.raw", bytes(4096)), os.O_RDWR)
+    try:
+        assert start_writeback(fd, 0, 4096)       # the real call, on a real file
+        writeback = EarlyWriteback(fd)
+        assert writeback.switch(None) == fd
+        # A kick that starts after the close sees no descriptor and stops there.
+        assert writeback._run(0, 4096)
+    finally:
+        os.close(fd)

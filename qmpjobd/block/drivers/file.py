@@ -30,6 +30,7 @@ import stat
 from qmpjobd.block.locking import ImageLocks, locking_enabled
 from qmpjobd.block.node import BlockNode, discard_host_range, io_error, write_fully
 from qmpjobd.block.permissions import WRITE
+from qmpjobd.block.writeback import EarlyWriteback
 from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
 
@@ -49,6 +50,7 @@ class FileNode(BlockNode):
         self.path: str = self.options["filename"]
         self.fd: int | None = None
         self.fd, host_length, self.fd_writable = self._open_fd(self.read_only, 0)
+        self.writeback = EarlyWriteback(self.fd)
         self._pending_fd: int | None = None
         self.size = -(-host_length // SECTOR) * SECTOR
         # No permission yet, so no lock byte: users bring them (permissions.refresh).
@@ -59,6 +61,7 @@ class FileNode(BlockNode):
     def close(self) -> None:
         if self.fd is not None:
             # Closing the descriptor releases its OFD locks.
+            self.writeback.switch(None)
             os.close(self.fd)
             self.fd = None
 
@@ -127,6 +130,7 @@ class FileNode(BlockNode):
             os.close(fd)
             raise
         old, self.fd = self.fd, fd
+        self.writeback.switch(fd)
         self.fd_writable = writable
         if old is not None:
             os.close(old)
@@ -145,6 +149,7 @@ class FileNode(BlockNode):
         fd = self._require_fd()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, write_fully, fd, offset, data)
+        self.writeback.written(offset, len(data))
 
     async def _pdiscard(self, offset: int, length: int) -> None:
         # file-posix punches a hole (the range then reads zeroes and takes no
@@ -159,6 +164,7 @@ class FileNode(BlockNode):
     async def _flush(self) -> None:
         fd = self._require_fd()
         if not self.read_only:
+            self.writeback.flushed()
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, os.fdatasync, fd)
 
@@ -170,6 +176,9 @@ class FileNode(BlockNode):
         except OSError as exc:
             raise QMPError(f"Could not resize file: {os.strerror(exc.errno or errno.EIO)}") from None
         self.size = -(-size // SECTOR) * SECTOR
+
+    def data_written(self, offset: int, length: int) -> None:
+        self.writeback.written(offset, length)
 
     def block_status(self, offset: int, length: int) -> tuple[str, int]:
         """Data or hole, from the host file's SEEK_DATA/SEEK_HOLE map."""
