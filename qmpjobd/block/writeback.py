@@ -88,10 +88,14 @@ class EarlyWriteback:
         self._pending = 0
 
     def _kick(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return      # a write driven without an event loop (run_now): no pool
         start, length = self._start, self._end - self._start
         self._pending = 0
         self._running = True
-        future = asyncio.get_running_loop().run_in_executor(None, self._run, start, length)
+        future = loop.run_in_executor(None, self._run, start, length)
         future.add_done_callback(self._done)
 
     def _run(self, start: int, length: int) -> bool:

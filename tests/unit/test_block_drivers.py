@@ -317,3 +317,15 @@ def test_writeback_after_close_touches_no_descriptor(tmp_path: pathlib.Path) -> 
         assert writeback._run(0, 4096)
     finally:
         os.close(fd)
+
+
+def test_writeback_without_an_event_loop_starts_nothing(tmp_path: pathlib.Path) -> None:
+    from qmpjobd.block.writeback import WRITEBACK_CHUNK, EarlyWriteback
+
+    fd = os.open(write_file(tmp_path / "f.raw", bytes(4096)), os.O_RDWR)
+    try:
+        writeback = EarlyWriteback(fd)
+        writeback.written(0, WRITEBACK_CHUNK)     # no loop running: no pool to use
+        assert not writeback._running
+    finally:
+        os.close(fd)
