@@ -158,9 +158,11 @@ class BlockGraph:
         cls = driver_class(options["driver"])
         # A child its parent opens defaults to discard=unmap (bdrv_inherited_options);
         # the default is not stored, so that only a user's own choice shows.
-        check_generic_options(options, default_discard="unmap" if inline_child else None)
+        default_discard = "unmap" if inline_child else None
+        if not cls.is_format:
+            check_generic_options(options, default_discard)
         try:
-            node = self._open_named(cls, options, created, flat)
+            node = self._open_named(cls, options, created, flat, default_discard)
         except BaseException:
             # bdrv_unref of the half-built node (QEMU created it before opening).
             self.graph_changes("close")
@@ -200,10 +202,12 @@ class BlockGraph:
                 self._forget(child)
 
     def _open_named(self, cls: type[BlockNode], options: dict,
-                    created: list[BlockNode], flat: dict) -> BlockNode:
-        # QEMU opens a format driver's protocol child before naming the format node;
-        # other drivers are named (and listed) before they open their children.
-        # Error precedence and the node list order follow from that.
+                    created: list[BlockNode], flat: dict,
+                    default_discard: str | None) -> BlockNode:
+        # QEMU opens a format driver's protocol child before naming the format node
+        # (and before bdrv_open_common checks the generic options); other drivers
+        # are checked and named (and listed) before they open their children.
+        # Error precedence, generated names and the node list order follow from that.
         named_first = not cls.is_format
         if named_first:
             node_name, auto_named = self._claim_name(options.get("node-name"))
@@ -215,6 +219,7 @@ class BlockGraph:
                 self.graph_changes("backend-insert")
             try:
                 if not named_first:
+                    check_generic_options(options, default_discard)
                     node_name, auto_named = self._claim_name(options.get("node-name"))
                 if cls.is_format:
                     self.graph_changes(*("attach-child" for _ in children))

@@ -99,6 +99,9 @@ async def create_qcow2(graph: "BlockGraph", options: dict) -> None:
     try:
         opts = CreateOptions.from_qapi(options)
         validate(opts)
+        data_file = options.get("data-file")
+        if isinstance(data_file, str):
+            graph.lookup(data_file)     # QEMU opens it before it goes on
         refuse_unimplemented(opts)
         check_writable_for_create(node)
         try:

@@ -11,6 +11,8 @@ block and table growth for small clusters.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from dataclasses import dataclass
 
@@ -80,7 +82,10 @@ def validate(opts: CreateOptions) -> None:
     if opts.version < 3 and opts.lazy_refcounts:
         raise QMPError(f"Lazy refcounts only supported with {_LEVEL}")
     bits = opts.refcount_bits
-    if bits > 64 or bits <= 0 or bits & (bits - 1):
+    # QEMU tests the int64 as unsigned: INT64_MIN counts as a power of two and
+    # passes (the image it writes then fails to open).
+    unsigned = bits % 2 ** 64
+    if bits > 64 or not unsigned or unsigned & (unsigned - 1):
         raise QMPError("Refcount width must be a power of two and may not exceed 64 bits")
     if opts.version < 3 and bits != 16:
         raise QMPError("Different refcount widths than 16 bits require compatibility "
@@ -105,11 +110,17 @@ def refuse_unimplemented(opts: CreateOptions) -> None:
             raise QMPError(f"Creating qcow2 images with {what} is not supported by qmpjobd")
 
 
+def refcount_order(bits: int) -> int:
+    """QEMU's ctz32 of the width: its log2, and 32 for INT64_MIN (no low bit set)."""
+    low = bits & 0xFFFFFFFF
+    return (low & -low).bit_length() - 1 if low else 32
+
+
 async def create_image(storage: Storage, opts: CreateOptions) -> None:
     """Write a new empty image; options must have passed ``validate``."""
     cs = opts.cluster_size
     cluster_bits = cs.bit_length() - 1
-    order = opts.refcount_bits.bit_length() - 1
+    order = refcount_order(opts.refcount_bits)
     bare = Header(version=opts.version, cluster_bits=cluster_bits,
                   refcount_table_offset=cs, refcount_table_clusters=1,
                   refcount_order=order,
@@ -119,11 +130,26 @@ async def create_image(storage: Storage, opts: CreateOptions) -> None:
     await storage.pwrite(0, first + bytes(cs - len(first)))
     await storage.pwrite(cs, struct.pack(">Q", 2 * cs) + bytes(2 * cs - 8))
     image = await Qcow2Image.open(storage, read_only=False)
+    try:
+        await _fill_in(image, opts)
+    except BaseException:
+        # QEMU closes the half-made image, which writes its caches back: the file
+        # stays a consistent (empty) qcow2 image.
+        try:
+            await image.flush()
+        except OSError:
+            pass
+        raise
+
+
+async def _fill_in(image: Qcow2Image, opts: CreateOptions) -> None:
+    """The allocations, the size and the backing name of a new image."""
+    cs = opts.cluster_size
     offset = await image.alloc_clusters(3 * cs)
     if offset != 0:
         raise QMPError("Could not allocate clusters for qcow2 header and refcount table")
     await image.write_header()
-    await grow(image, opts.size, opts.preallocation)
+    await _resize_new(image, opts.size, opts.preallocation)
     if opts.backing_file is not None:
         image.header.backing_file = opts.backing_file
         image.header.backing_format = opts.backing_fmt
@@ -133,6 +159,24 @@ async def create_image(storage: Storage, opts: CreateOptions) -> None:
             raise QMPError(f"Could not assign backing file '{opts.backing_file}' with "
                            f"format '{opts.backing_fmt}': No space left on device") from None
     await image.flush()
+
+
+async def _resize_new(image: Qcow2Image, size: int, preallocation: str) -> None:
+    """qcow2_co_create's truncate to the requested size, with its error texts (the
+    generic checks of bdrv_co_truncate first; the QAPI size is unsigned, QEMU's
+    length signed)."""
+    from qmpjobd.block.node import MAX_LENGTH
+
+    prefix = "Could not resize image: "
+    if size >= 2 ** 63:
+        raise QMPError(prefix + "Image size cannot be negative")
+    if size > MAX_LENGTH:
+        raise QMPError(prefix + f"offset({size}) exceeds maximum({MAX_LENGTH})")
+    l2_bytes = image.cluster_size * image.l2_entries
+    if -(-size // l2_bytes) > C.MAX_L1_SIZE_BYTES // 8:
+        # qcow2_grow_l1_table's EFBIG, before anything is written.
+        raise QMPError(prefix + f"Failed to grow the L1 table: {os.strerror(errno.EFBIG)}")
+    await grow(image, size, preallocation)
 
 
 async def grow(image: Qcow2Image, size: int, preallocation: str) -> None:

@@ -220,8 +220,13 @@ def parse_header(cluster0: bytes, *, read_write: bool = False) -> Header:
         raise Qcow2OpenError("qcow2: Image is corrupt; cannot be opened read/write")
     if header.refcount_order > C.MAX_REFCOUNT_ORDER:
         raise Qcow2OpenError("Reference count entry width too large; may not exceed 64 bits")
+    if crypt > C.CRYPT_LUKS:
+        raise Qcow2OpenError(f"Unsupported encryption method {crypt}")
     _check_tables(header)
     _read_extensions(header, buf, ext_end)
+    if crypt == C.CRYPT_LUKS and header.crypto_header is None:
+        # AES needs no header region; LUKS keeps its own in an extension.
+        raise Qcow2OpenError(f"Missing CRYPTO header for crypt method {crypt}")
     if backing_offset:
         limit = min(C.MAX_BACKING_NAME, cluster_size - backing_offset)
         if backing_size > limit or backing_size >= C.MAX_BACKING_NAME + 1:
@@ -273,11 +278,20 @@ def _check_tables(header: Header) -> None:
     _validate_table(header.l1_table_offset, header.l1_size, 8, C.MAX_L1_SIZE_BYTES,
                     "Active L1 table", cs)
     l2_bytes = cs * header.l2_entries
-    needed = -(-header.size // l2_bytes)
+    # QEMU rounds up in 64-bit unsigned arithmetic: a size within one L2 span of
+    # 2^64 wraps to a small count and passes (the open fails later, when the
+    # node's length is taken: too_big_for_a_node).
+    needed = ((header.size + l2_bytes - 1) % 2 ** 64) // l2_bytes
     if needed > 2 ** 31 - 1:
         raise Qcow2OpenError("Image is too big")
     if header.l1_size < needed:
         raise Qcow2OpenError("L1 table is too small")
+
+
+def too_big_for_a_node(header: Header) -> bool:
+    """A virtual size whose sector count does not fit QEMU's int64 byte length
+    (bdrv_refresh_total_sectors: EFBIG, after the format's open succeeded)."""
+    return header.size // 512 > (2 ** 63 - 1) // 512
 
 
 def _read_extensions(header: Header, buf: bytes, end: int) -> None:

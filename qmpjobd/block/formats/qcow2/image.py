@@ -49,7 +49,13 @@ from typing import Awaitable, Callable
 
 from qmpjobd.block.formats.qcow2 import constants as C
 from qmpjobd.block.formats.qcow2.cache import TableCache
-from qmpjobd.block.formats.qcow2.header import Header, Qcow2OpenError, header_cluster_bits, parse_header
+from qmpjobd.block.formats.qcow2.header import (
+    Header,
+    Qcow2OpenError,
+    header_cluster_bits,
+    parse_header,
+    too_big_for_a_node,
+)
 from qmpjobd.block.formats.qcow2.refcount import (
     free_run_in_block,
     get_refcount,
@@ -187,6 +193,8 @@ class Qcow2Image:
         if not read_only and header.autoclear_features & ~known:
             header.autoclear_features &= known
             await image.write_header()
+        if too_big_for_a_node(header):
+            raise Qcow2OpenError("Could not refresh total sector count: File too large")
         return image
 
     @property
