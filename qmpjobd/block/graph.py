@@ -508,7 +508,7 @@ class BlockGraph:
         node.check_not_busy()
         if not node.monitor_owned:
             raise QMPError(f"Node {node_name} is not owned by the monitor")
-        if node.parent_nodes or node.job_users:
+        if node.parent_nodes or node.job_users or node.holders:
             raise QMPError(f"Block device {node_name} is in use")
         self._forget(node)
 

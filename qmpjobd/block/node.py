@@ -163,6 +163,9 @@ class BlockNode:
         # when its last job user detaches.
         self.release_when_unused = False
         self.job_users: list[Any] = []    # jobs that hold this node (may repeat)
+        # Jobs holding a plain reference without an edge (QEMU's bdrv_ref in an
+        # amend job): blockdev-del says "in use" until the job is dismissed.
+        self.holders: list[Any] = []
         # Jobs that reach this node through a BlockBackend of their own (QEMU's
         # blk_new + blk_insert_bs, e.g. a mirror target): blockdev-del then says
         # "Node <n> is in use" before it looks at blockers.

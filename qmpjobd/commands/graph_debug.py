@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from qmpjobd.block import permissions as P
 from qmpjobd.block.formats.qcow2.header import check_runtime_options
 from qmpjobd.block.graph import check_generic_options, check_link_unfrozen, inherits_from, reaches
-from qmpjobd.block.node import flatten_options
+from qmpjobd.block.node import BlockNode, flatten_options
 from qmpjobd.block.personality import QEMU_OPT_SIZE_RANGE_REWORDED
 from qmpjobd.block.qjson import qdict_order
 from qmpjobd.commands import Context, command
@@ -215,7 +215,7 @@ class _Reopen:
                 # A child the options leave alone (or name as it is) follows the
                 # parent's read-only state when it was opened with the parent
                 # without a read-only of its own (QEMU's inherited options).
-                self.queue(child, {**child.options, "read-only": plan.read_only})
+                self.queue(child, _kept_options(child, plan.read_only))
 
     # --- prepare: nothing changes yet ----------------------------------------------------
 
@@ -242,6 +242,11 @@ class _Reopen:
             # qcow2_reopen_prepare checks the runtime options as the open does.
             check_runtime_options(node.image.header, options,
                                   self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
+            encrypt = options.get("encrypt")
+            fmt = encrypt.get("format") if isinstance(encrypt, dict) else None
+            if fmt is not None and not node.image.header.crypt_method:
+                raise QMPError("No encryption in image header, but options specified "
+                               f"format '{fmt}'")
         plan.children = dict(node.children)
         self._prepare_backing(plan)
         self._prepare_file(plan)
@@ -514,3 +519,14 @@ def reopen_nodes(graph: Any, entries: list) -> None:
 def blockdev_reopen(ctx: Context, args: dict) -> dict:
     reopen_nodes(ctx.daemon.graph, args["options"])
     return {}
+
+
+def _kept_options(child: BlockNode, read_only: bool) -> dict:
+    """A child reopened with the options it has (QEMU's keep_old_opts): its current
+    backing link counts as given, also where it was opened without one (an overlay
+    made by blockdev-snapshot-sync is opened with no backing, then linked)."""
+    options = {**child.options, "read-only": read_only}
+    backing = child.children.get("backing")
+    if backing is not None and options.get("backing") is None:
+        options["backing"] = backing.node_name
+    return options
