@@ -149,7 +149,7 @@ class FileNode(BlockNode):
         fd = self._require_fd()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, write_fully, fd, offset, data)
-        self.writeback.written(offset, len(data))
+        self.data_written(offset, len(data))
 
     async def _pdiscard(self, offset: int, length: int) -> None:
         # file-posix punches a hole (the range then reads zeroes and takes no
@@ -178,6 +178,7 @@ class FileNode(BlockNode):
         self.size = -(-size // SECTOR) * SECTOR
 
     def data_written(self, offset: int, length: int) -> None:
+        # Own writes and copies into the file alike count toward early writeback.
         self.writeback.written(offset, length)
 
     def block_status(self, offset: int, length: int) -> tuple[str, int]:

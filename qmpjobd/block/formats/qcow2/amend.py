@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class AmendJob(Job):
-    __slots__ = ("node", "options", "force", "held")
+    __slots__ = ("node", "options", "force")
 
     job_type = "amend"
 
@@ -29,18 +29,16 @@ class AmendJob(Job):
         self.node = node
         self.options = options
         self.force = force
-        # blockdev_amend keeps a reference to the node until the job is freed.
-        self.held = node
+        # blockdev_amend keeps a reference to the node until the job is freed
+        # (so the node stays, also once the job concluded).
         node.holders.append(self)
 
     def release_run_state(self) -> None:
         super().release_run_state()
         del self.options
-        self.node = None
 
     def on_free(self) -> None:
-        if self in self.held.holders:
-            self.held.holders.remove(self)
+        self.node.holders.remove(self)
 
     async def run(self) -> int:
         self.progress_set_remaining(1)

@@ -11,8 +11,6 @@ block and table growth for small clusters.
 
 from __future__ import annotations
 
-import errno
-import os
 import struct
 from dataclasses import dataclass
 
@@ -162,9 +160,9 @@ async def _fill_in(image: Qcow2Image, opts: CreateOptions) -> None:
 
 
 async def _resize_new(image: Qcow2Image, size: int, preallocation: str) -> None:
-    """qcow2_co_create's truncate to the requested size, with its error texts (the
-    generic checks of bdrv_co_truncate first; the QAPI size is unsigned, QEMU's
-    length signed)."""
+    """qcow2_co_create's truncate of the new image (size 0) to ``size``, with its
+    error texts: bdrv_co_truncate's generic checks first (the QAPI size is
+    unsigned, QEMU's length signed), then qcow2's L1 growth."""
     from qmpjobd.block.node import MAX_LENGTH
 
     prefix = "Could not resize image: "
@@ -172,18 +170,12 @@ async def _resize_new(image: Qcow2Image, size: int, preallocation: str) -> None:
         raise QMPError(prefix + "Image size cannot be negative")
     if size > MAX_LENGTH:
         raise QMPError(prefix + f"offset({size}) exceeds maximum({MAX_LENGTH})")
-    l2_bytes = image.cluster_size * image.l2_entries
-    if -(-size // l2_bytes) > C.MAX_L1_SIZE_BYTES // 8:
-        # qcow2_grow_l1_table's EFBIG, before anything is written.
-        raise QMPError(prefix + f"Failed to grow the L1 table: {os.strerror(errno.EFBIG)}")
-    await grow(image, size, preallocation)
-
-
-async def grow(image: Qcow2Image, size: int, preallocation: str) -> None:
-    """qcow2 truncate to a larger ``size`` (creation starts from 0)."""
     old_size = image.header.size
     l2_bytes = image.cluster_size * image.l2_entries
-    await image.grow_l1(-(-size // l2_bytes))
+    try:
+        await image.grow_l1(-(-size // l2_bytes))
+    except OSError as exc:
+        raise QMPError(prefix + f"Failed to grow the L1 table: {exc.strerror}") from None
     if preallocation == "metadata":
         await _preallocate_metadata(image, old_size, size)
     elif preallocation in ("falloc", "full"):
