@@ -79,6 +79,9 @@ class SparseStorage:
     async def flush(self) -> None:
         pass
 
+    def debug_event(self, event: str) -> None:
+        pass
+
     def length(self) -> int:
         return self.size
 

@@ -676,8 +676,6 @@ def main(argv: list[str] | None = None) -> int:
         return check_commands_main(argv[1:])
     try:
         config = parse_args(argv)
-        if not any(monitor.frontend for monitor in config.monitors):
-            raise UsageError("no monitor given: use --socket PATH, --tcp PORT or --chardev/--monitor")
         logging.basicConfig(level=config.log_level.upper(), format="qmpjobd: %(levelname)s: %(message)s")
         with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:
             return runner.run(run(config))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from qmpjobd.block.qjson import qdict_order, to_json
+from qmpjobd.block.syncio import in_pool
 from qmpjobd.errors import QMPError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,16 +99,13 @@ async def _zero_host_range(node: "BlockNode", host: tuple[int, int], offset: int
                            length: int) -> bool:
     """Zero ``length`` bytes at ``offset`` of ``node`` in its host file, in the
     thread pool, accounted as a write on every node of its chain."""
-    import asyncio
-
     fd, base = host
     for member, _ in node.data_chain(offset):
         member.write_generation += 1
     node.chain_write_started(offset, length)
     try:
         with node._request():
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, _fallocate_zero, fd, base + offset, length)
+            return await in_pool(_fallocate_zero, fd, base + offset, length)
     finally:
         node.chain_write_finished(offset, length, data=False)
 

@@ -62,7 +62,9 @@ def _table_entries(node: "BlockNode", image: Any, offset: int, clusters: int) ->
         return (0,) * count
     table = image.l2_cache.lookup(l2_offset)
     if table is None:
-        table = run_now(SyncStorage(node.children["file"]).pread(l2_offset, image.cluster_size))
+        file = node.children["file"]
+        file.debug_event("l2_load")
+        table = run_now(SyncStorage(file).pread(l2_offset, image.cluster_size))
         image.remember_l2(l2_offset, table)
     return struct.unpack_from(f">{count}Q", table, index * 8)
 

@@ -159,3 +159,42 @@ def test_command_line_nbd_server_and_export():
         outputs[-1].append("NBD server not running" in str(failure.value))
     assert outputs[1] == outputs[0]
     assert "export=\"exp\"" in outputs[1][0] and outputs[1][2] is True
+
+
+@pytest.mark.parametrize("version", ["7.2", "11.1"])
+def test_a_daemon_without_a_monitor_serves_its_exports(version):
+    """qemu-storage-daemon runs with block nodes and an export but no monitor at
+    all (an NBD server started from the command line); so does qmpjobd. Both
+    serve the export, take writes, and end on SIGTERM with the same status."""
+    import signal
+    import time
+
+    from tests.support.daemons import DaemonProcess, is_listening
+    from tests.support.nbd_setup import make_disk
+
+    outputs = []
+    for kind in ("qsd", "qmpjobd"):
+        daemon = DaemonProcess(kind, monitors=0, version=version)
+        sock = str(daemon.tmp / "nbd.sock")
+        daemon.extra_args = [
+            "--blockdev", "driver=file,filename=disk.raw,node-name=f0",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=e0,node-name=f0,name=exp,writable=on",
+        ]
+        make_disk(daemon.tmp / "disk.raw")
+        with daemon:
+            deadline = time.monotonic() + 20
+            while not is_listening(sock):
+                assert daemon.proc.poll() is None, daemon.stderr()
+                assert time.monotonic() < deadline, f"{kind}: no NBD socket"
+                time.sleep(0.01)
+            written = run(["qemu-io", "-f", "raw", "-c", "write -P 0x5c 64k 64k",
+                           uri(sock, "exp")], daemon)
+            read = run(["qemu-io", "-f", "raw", "-c", "read -P 0x5c 64k 64k",
+                        uri(sock, "exp")], daemon)
+            daemon.proc.send_signal(signal.SIGTERM)
+            status = daemon.proc.wait(10)
+            content = hashlib.sha256((daemon.tmp / "disk.raw").read_bytes()).hexdigest()
+        outputs.append([written, read, status, content, daemon.stderr()])
+    assert outputs[1] == outputs[0]
+    assert "read 65536/65536 bytes" in outputs[1][1]

@@ -163,7 +163,6 @@ def test_unsupported_qsd_options_fail_clearly(option):
     (["--chardev", "socket,id=c0,path=/tmp/x.sock,server=on,wait=off", "--monitor", "c0,mode=readline"], "Only QMP is supported"),
     (["--chardev", "socket,id=c0,path=/tmp/x.sock,server=on,wait=off", "--monitor", "c0", "--monitor", "c0"], "Device 'c0' is in use"),
     (["--chardev", "stdio,id=c0"], "chardev backend 'stdio' is not supported"),
-    ([], "no monitor given"),
 ])
 def test_bad_command_lines(args, message):
     result = run_cli(*args)

@@ -33,7 +33,10 @@ REQUIRED = [
 ]
 EVENTS = ["JOB_STATUS_CHANGE", "BLOCK_IMAGE_CORRUPTED", "BLOCK_IO_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
           "BLOCK_JOB_ERROR", "BLOCK_JOB_READY", "BLOCK_JOB_PENDING",
-          "BLOCK_WRITE_THRESHOLD", "BLOCK_EXPORT_DELETED"]
+          "BLOCK_WRITE_THRESHOLD", "BLOCK_EXPORT_DELETED",
+          # Listed by every daemon, never sent by a storage daemon without
+          # quorum nodes or virtio-serial ports.
+          "QUORUM_FAILURE", "QUORUM_REPORT_BAD", "VSERPORT_CHANGE"]
 _SCHEMAS: dict[str, Schema] = {}
 
 

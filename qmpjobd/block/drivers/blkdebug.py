@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from qmpjobd.block.activation import check_child_attach
 from qmpjobd.block.node import BlockNode, io_error
+from qmpjobd.block.syncio import synchronous
 from qmpjobd.errors import QMPError
 
 SECTOR = 512
@@ -128,7 +129,12 @@ class BlkdebugNode(BlockNode):
         if rule.once:
             self.active_rules.remove(rule)
             self.inject_rules.remove(rule)
-        if rule.delay_ns:
+        if synchronous():
+            # Driven inside a command (an open, a close): QEMU polls the request
+            # to its end there, so neither the delay nor the bottom half shows.
+            if rule.errno <= 0:
+                return
+        elif rule.delay_ns:
             # The request waits on the daemon clock, then fails (or, with errno
             # 0, goes on): a slow device rather than a broken one.
             await self.graph.clock.sleep_ns(rule.delay_ns)
@@ -155,6 +161,14 @@ class BlkdebugNode(BlockNode):
     async def _flush(self) -> None:
         await self._check_rules(0, 0, "flush")
         await self.children["image"].co_flush()
+
+    def extend_for_write(self, end: int) -> None:
+        # A format above may write past the end (qcow2 allocating): the request
+        # passes to the image, which grows, and this node's length follows it.
+        if end > self.size:
+            image = self.children["image"]
+            image.extend_for_write(end)
+            self.size = max(self.size, image.size)
 
     def request_alignment(self) -> int:
         # ``align`` is the point of the option: requests must be multiples of it.

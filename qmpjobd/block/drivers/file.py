@@ -22,7 +22,6 @@ uses ``O_NONBLOCK``, and ``fstat`` on the descriptor settles what was really ope
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import stat
@@ -30,6 +29,7 @@ import stat
 from qmpjobd.block.locking import ImageLocks, locking_enabled
 from qmpjobd.block.node import BlockNode, discard_host_range, io_error, write_fully
 from qmpjobd.block.permissions import WRITE
+from qmpjobd.block.syncio import in_pool
 from qmpjobd.block.writeback import EarlyWriteback
 from qmpjobd.confine import PathPolicy
 from qmpjobd.errors import QMPError
@@ -142,13 +142,11 @@ class FileNode(BlockNode):
 
     async def _preadv(self, offset: int, length: int) -> bytes:
         fd = self._require_fd()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, read_fully, fd, offset, length)
+        return await in_pool(read_fully, fd, offset, length)
 
     async def _pwritev(self, offset: int, data: bytes) -> None:
         fd = self._require_fd()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, write_fully, fd, offset, data)
+        await in_pool(write_fully, fd, offset, data)
         self.data_written(offset, len(data))
 
     async def _pdiscard(self, offset: int, length: int) -> None:
@@ -158,15 +156,13 @@ class FileNode(BlockNode):
         if not length:
             return
         fd = self._require_fd()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, discard_host_range, fd, offset, length)
+        await in_pool(discard_host_range, fd, offset, length)
 
     async def _flush(self) -> None:
         fd = self._require_fd()
         if not self.read_only:
             self.writeback.flushed()
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, os.fdatasync, fd)
+            await in_pool(os.fdatasync, fd)
 
     def _truncate(self, size: int, zero_new: bool) -> None:
         """block_resize: the host file gets exactly ``size`` bytes (QEMU's

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from typing import Any, Coroutine
+from typing import Any
 
 from qmpjobd.block.activation import check_child_attach
 from qmpjobd.block.formats.qcow2 import bitmaps as qcow2_bitmaps
@@ -31,6 +31,7 @@ from qmpjobd.block.formats.qcow2.image import CorruptionError, Options, Qcow2Ima
 from qmpjobd.block.formats.qcow2.storage import NodeStorage
 from qmpjobd.block.node import BlockNode, discard_host_range, io_error, write_fully
 from qmpjobd.block.permissions import check_new_parent
+from qmpjobd.block.syncio import run_now
 from qmpjobd.block.personality import QEMU_OPT_SIZE_RANGE_REWORDED
 from qmpjobd.errors import QMPError
 
@@ -86,17 +87,6 @@ def _same_in_block(entries: tuple[int, ...], kind: str) -> int:
             if not entry & _KIND_MASK or entry & C.OFLAG_KIND == C.OFLAG_ZERO:
                 return i
     return len(entries)
-
-
-def run_now(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine that must not wait (synchronous storage underneath)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise QMPError("qcow2 needs a file child that answers without waiting "
-                   "(a 'file' node, or a format or filter directly on one)")
 
 
 class SyncStorage(NodeStorage):
@@ -357,8 +347,14 @@ class Qcow2Node(BlockNode):
         await self._require_image().discard(offset, length)
 
     async def _flush(self) -> None:
-        await self._require_image().flush()
-        await self.children["file"].co_flush()
+        # QEMU's flush announces both halves on the file child (blkdebug rules).
+        file = self.children["file"]
+        file.debug_event("flush_to_os")
+        image = self._require_image()
+        await image.flush(to_disk=False)
+        file.debug_event("flush_to_disk")
+        await file.co_flush()
+        image.data_since_flush = False
 
     def _truncate(self, size: int, zero_new: bool) -> None:
         # block_resize: the format's side is qmpjobd.block.formats.qcow2.resize.
@@ -476,8 +472,9 @@ class Qcow2Node(BlockNode):
             # Not cached: read the L2 table here (a small metadata read, as
             # QEMU's block-status does inside its request).
             l2_offset = image.l2_table_offset(offset)
-            table = run_now(SyncStorage(self.children["file"]).pread(l2_offset,
-                                                                     image.cluster_size))
+            file = self.children["file"]
+            file.debug_event("l2_load")
+            table = run_now(SyncStorage(file).pread(l2_offset, image.cluster_size))
             image.remember_l2(l2_offset, table)
             entry = image.entry_from(table, offset)
         return _entry_kind_name(entry)

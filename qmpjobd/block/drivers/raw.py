@@ -82,6 +82,14 @@ class RawNode(BlockNode):
             raise io_error(errno.ENOSPC)
         await child.co_pwrite(self.offset + offset, data)
 
+    def extend_for_write(self, end: int) -> None:
+        # Without a size of its own, a raw window ends where its file does.
+        if end > self.size and not self.has_size:
+            child = self.children["file"]
+            child.extend_for_write(end + self.offset)
+            self.window = max(0, child.size - self.offset)
+            self.size = -(-self.window // SECTOR) * SECTOR
+
     def host_file(self) -> tuple[int, int] | None:
         inner = self.children["file"].host_file()
         if inner is None:

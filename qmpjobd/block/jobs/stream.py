@@ -182,12 +182,17 @@ class StreamJob(BlockJob):
 
     async def _step(self, offset: int, size: int) -> tuple[int, bool, int]:
         """One stream step: (bytes covered, whether they were copied, errno or 0)."""
-        kind, count = layer_status(self.device, offset, size)
-        if kind != UNALLOCATED:
-            return count, False, 0
-        # What the layers down to the base's overlay hold decides; the filter
-        # copies it as its populate would (one look at those layers for both).
-        below = self.filter.extent_below(offset, count)
+        try:
+            kind, count = layer_status(self.device, offset, size)
+            if kind != UNALLOCATED:
+                return count, False, 0
+            # What the layers down to the base's overlay hold decides; the filter
+            # copies it as its populate would (one look at those layers for both).
+            below = self.filter.extent_below(offset, count)
+        except OSError as exc:
+            # A metadata read of the block status failed (an L2 table): a read
+            # error of the step, which covers nothing.
+            return 0, False, exc.errno or errno.EIO
         if not below.copy:
             return below.count, False, 0
         try:

@@ -75,6 +75,14 @@ UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED = range(5)
 BackingRead = Callable[[int, int], Awaitable[bytes]]
 
 
+async def _open_read(storage: Storage, offset: int, length: int, what: str) -> bytes:
+    """A read of the open path; its failure is the open's, in QEMU's words."""
+    try:
+        return await storage.pread(offset, length)
+    except OSError as exc:
+        raise Qcow2OpenError(f"{what}: {os.strerror(exc.errno or errno.EIO)}") from None
+
+
 def eio() -> OSError:
     return OSError(errno.EIO, os.strerror(errno.EIO))
 
@@ -171,17 +179,20 @@ class Qcow2Image:
     async def open(cls, storage: Storage, *, read_only: bool,
                    options: Options | None = None) -> "Qcow2Image":
         """Read and check the header, the L1 table and the refcount table."""
-        first = await storage.pread(0, 4096)
+        first = await _open_read(storage, 0, 4096, "Could not read qcow2 header")
         bits = header_cluster_bits(first)
         if bits is not None and C.MIN_CLUSTER_BITS <= bits <= C.MAX_CLUSTER_BITS \
                 and (1 << bits) > len(first):
-            first = await storage.pread(0, 1 << bits)
+            first = await _open_read(storage, 0, 1 << bits, "Could not read qcow2 header")
         header = parse_header(first, read_write=not read_only)
         refuse_unsupported(header, read_only)
-        l1_raw = await storage.pread(header.l1_table_offset, header.l1_size * 8)
+        l1_raw = await _open_read(storage, header.l1_table_offset, header.l1_size * 8,
+                                  "Could not read L1 table")
         l1 = list(struct.unpack(f">{header.l1_size}Q", l1_raw))
         entries = header.refcount_table_clusters * header.cluster_size // 8
-        rt_raw = await storage.pread(header.refcount_table_offset, entries * 8)
+        storage.debug_event("reftable_load")
+        rt_raw = await _open_read(storage, header.refcount_table_offset, entries * 8,
+                                  "Could not initialize refcount handling")
         reftable = list(struct.unpack(f">{entries}Q", rt_raw))
         image = cls(storage, header, l1, reftable, read_only, options or Options())
         from qmpjobd.block.formats.qcow2.snapshot import read_snapshots
@@ -230,6 +241,7 @@ class Qcow2Image:
         if table is not None:
             return table
         await self._make_room(cache)
+        self.storage.debug_event("l2_load" if cache is self.l2_cache else "refblock_load")
         data = await self.storage.pread(offset, self.cluster_size)
         table = cache.lookup(offset)      # another request may have loaded it
         if table is not None:
@@ -245,8 +257,9 @@ class Qcow2Image:
             await self.flush_cache(cache)
             cache.evict_clean()
 
-    async def flush_cache(self, cache: TableCache) -> None:
-        """Write ``cache`` (after what it depends on) and flush the file."""
+    async def flush_cache(self, cache: TableCache, *, trailing_flush: bool = True) -> None:
+        """Write ``cache`` (after what it depends on) and flush the file; without
+        ``trailing_flush`` only the flushes that order writes are made."""
         if cache.depends_on is not None:
             dependency = cache.depends_on
             cache.depends_on = None
@@ -264,8 +277,10 @@ class Qcow2Image:
                 for rest, _ in dirty[index:]:
                     cache.mark_dirty(rest)
                 raise
+            self.storage.debug_event("l2_update" if cache is self.l2_cache
+                                     else "refblock_update_part")
             await self.storage.pwrite(offset, data)
-        if dirty:
+        if dirty and trailing_flush:
             await self.storage.flush()
 
     async def _set_dependency(self, cache: TableCache, dependency: TableCache) -> None:
@@ -276,22 +291,23 @@ class Qcow2Image:
             await self.flush_cache(cache)
         cache.depends_on = dependency
 
-    async def flush(self) -> None:
+    async def flush(self, *, to_disk: bool = True) -> None:
         """Everything in the caches to the disk, in dependency order, then the
         file itself (nothing once the image is unusable: QEMU's flush of a node
-        without a driver succeeds doing nothing)."""
+        without a driver succeeds doing nothing). Without ``to_disk`` the caches
+        are only written (QEMU's flush_to_os): the caller flushes the file."""
         if self.unusable:
             return
         try:
-            await self._flush_all()
+            await self._flush_all(to_disk)
         except CorruptionError as exc:
             await self._signal(exc)
             raise eio() from None
 
-    async def _flush_all(self) -> None:
-        await self.flush_cache(self.l2_cache)
-        await self.flush_cache(self.refcount_cache)
-        if self.data_since_flush:
+    async def _flush_all(self, to_disk: bool = True) -> None:
+        await self.flush_cache(self.l2_cache, trailing_flush=to_disk)
+        await self.flush_cache(self.refcount_cache, trailing_flush=to_disk)
+        if self.data_since_flush and to_disk:
             await self.storage.flush()
             self.data_since_flush = False
 
@@ -526,6 +542,7 @@ class Qcow2Image:
 
     async def alloc_clusters(self, length: int) -> int:
         """Allocate clusters for ``length`` bytes; returns the host offset."""
+        self.storage.debug_event("cluster_alloc")
         while True:
             index = await self._alloc_clusters_noref(self._clusters(length))
             try:
@@ -780,14 +797,24 @@ class Qcow2Image:
         new_offset = await self.alloc_clusters(self.cluster_size)
         if new_offset == 0:
             raise CorruptionError("Preventing invalid allocation of L2 table at offset 0")
-        await self.flush_cache(self.refcount_cache)
-        table = await self._cache_get_empty(self.l2_cache, new_offset)
-        if old_offset:
-            old = await self.storage.pread(old_offset, self.cluster_size)
-            table[:] = old
-        self.l2_cache.mark_dirty(new_offset)
-        await self.flush_cache(self.l2_cache)
-        await self._write_l1_entry(l1_index, new_offset | C.OFLAG_COPIED)
+        old_entry = self.l1[l1_index]
+        try:
+            await self.flush_cache(self.refcount_cache)
+            table = await self._cache_get_empty(self.l2_cache, new_offset)
+            if old_offset:
+                self.storage.debug_event("l2_alloc_cow_read")
+                old = await self.storage.pread(old_offset, self.cluster_size)
+                table[:] = old
+            self.l2_cache.mark_dirty(new_offset)
+            self.storage.debug_event("l2_alloc_write")
+            await self.flush_cache(self.l2_cache)
+            await self._write_l1_entry(l1_index, new_offset | C.OFLAG_COPIED)
+        except OSError:
+            # As QEMU's l2_allocate: the L1 entry keeps its old value and the new
+            # table's cluster goes back, so the failed write leaks nothing.
+            self.l1[l1_index] = old_entry
+            await self.free_clusters(new_offset, self.cluster_size)
+            raise
         if old_offset:
             await self.free_clusters(old_offset, self.cluster_size)
         return new_offset, table
@@ -795,6 +822,7 @@ class Qcow2Image:
     async def _write_l1_entry(self, index: int, value: int) -> None:
         self.l1[index] = value
         self.metadata_changed()
+        self.storage.debug_event("l1_update")
         await self.checked_pwrite(self.header.l1_table_offset + index * 8, _U64.pack(value),
                                   ignore=_OL_ACTIVE_L1)
         await self.storage.flush()
@@ -919,12 +947,15 @@ class Qcow2Image:
     async def _read_run(self, kind: int, entry: int, offset: int, length: int) -> bytes:
         if kind == NORMAL:
             host = (entry & C.L2E_OFFSET_MASK) + self._offset_in_cluster(offset)
+            self.storage.debug_event("read_aio")
             return await self.storage.pread(host, length)
         if kind == COMPRESSED:
+            self.storage.debug_event("read_compressed")
             cluster = await self._read_compressed(entry)
             start = self._offset_in_cluster(offset)
             return cluster[start:start + length]
         if kind == UNALLOCATED and self.backing is not None:
+            self.storage.debug_event("read_backing_aio")
             return await self.backing(offset, length)
         return bytes(length)
 
@@ -947,6 +978,7 @@ class Qcow2Image:
         """Bytes [start, end) of a guest cluster as it reads now (for COW)."""
         if end <= start:
             return b""
+        self.storage.debug_event("cow_read")
         kind = self.cluster_kind(entry)
         return await self._read_run(kind, entry, guest_cluster + start, end - start)
 
@@ -993,6 +1025,7 @@ class Qcow2Image:
                     # Clusters the image holds already get the bytes, zero or not.
                     part = HostCopy(part.pieces)
                 # The caller's buffer as is: a copy would cost a memcpy per request.
+                self.storage.debug_event("write_aio")
                 if release:
                     self.check_overlap(host, len(part), 0)
                     await self._data_without_lock(host, part, None)
@@ -1082,10 +1115,19 @@ class Qcow2Image:
             part = memoryview(await asyncio.get_running_loop().run_in_executor(None, part.read))
         # Whole clusters (the common case) go out without a copy of the data.
         payload = head + bytes(part) + tail if head or tail else part
-        if release:
-            await self._data_without_lock(host, payload, (first_cluster, last_end))
-        else:
-            await self._put(host, payload)
+        # QEMU writes the COW parts with the data in one request when it can,
+        # announced as a COW write instead of the data's.
+        self.storage.debug_event("cow_write" if head or tail else "write_aio")
+        try:
+            if release:
+                await self._data_without_lock(host, payload, (first_cluster, last_end))
+            else:
+                await self._put(host, payload)
+        except OSError:
+            # QEMU's qcow2_alloc_cluster_abort: a failed data write gives its new
+            # clusters back, so a retry reuses them and nothing leaks.
+            await self._unallocate(host, count)
+            raise
         if isinstance(payload, CheckedCopy) and payload.zero:
             # Copy-on-read data that reads as zeroes: a zero write instead, as
             # QEMU's copy-on-read makes it; the clusters go back unused.

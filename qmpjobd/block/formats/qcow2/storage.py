@@ -25,6 +25,7 @@ class Storage(Protocol):
     def length(self) -> int: ...
     async def truncate(self, length: int, preallocation: str = "off") -> None: ...
     async def discard(self, offset: int, length: int) -> None: ...
+    def debug_event(self, event: str) -> None: ...
 
 
 class MemoryStorage:
@@ -46,6 +47,9 @@ class MemoryStorage:
 
     async def flush(self) -> None:
         self.flushes += 1
+
+    def debug_event(self, event: str) -> None:
+        """No blkdebug node to tell."""
 
     def length(self) -> int:
         return len(self.data)
@@ -78,6 +82,11 @@ class NodeStorage:
 
     async def flush(self) -> None:
         await self.node.co_flush()
+
+    def debug_event(self, event: str) -> None:
+        """QEMU's BLKDBG_EVENT on the qcow2 node's file child: a blkdebug node
+        there switches its active rules on the events it was given."""
+        self.node.debug_event(event)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard freed clusters on the file when it takes discards: opened with
