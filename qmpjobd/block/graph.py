@@ -412,6 +412,7 @@ class BlockGraph:
             overlay.children = {"backing": backing, **overlay.children}
             backing.parent_nodes.append(overlay)
             backing.add_blocker(overlay, f"node is used as backing hd of '{overlay.node_name}'")
+        overlay.backing_linked()
 
     def append_overlay(self, overlay: BlockNode, node: BlockNode) -> Any:
         """bdrv_append: ``node`` becomes the backing of ``overlay`` and ``overlay``

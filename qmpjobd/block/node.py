@@ -575,6 +575,9 @@ class BlockNode:
     async def _pwritev(self, offset: int, data: bytes) -> None:
         raise NotImplementedError
 
+    def backing_linked(self) -> None:
+        """The graph changed this node's backing child (a format reads through it)."""
+
     def debug_event(self, event: str) -> None:
         """A format driver announces an I/O event to its child (blkdebug listens)."""
 

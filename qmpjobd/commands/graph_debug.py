@@ -214,8 +214,13 @@ class _Reopen:
                     and _inherits_read_only(node, role, child):
                 # A child the options leave alone (or name as it is) follows the
                 # parent's read-only state when it was opened with the parent
-                # without a read-only of its own (QEMU's inherited options).
-                self.queue(child, _kept_options(child, plan.read_only))
+                # without a read-only of its own (QEMU's inherited options). One
+                # named as it is keeps its old options (keep_old_opts), so only a
+                # read-only the parent's options give reaches it.
+                read_only = plan.read_only
+                if ref is not None and "read-only" not in options:
+                    read_only = child.read_only
+                self.queue(child, _kept_options(child, read_only))
 
     # --- prepare: nothing changes yet ----------------------------------------------------
 
@@ -380,7 +385,9 @@ def _inherited_options(parent_options: dict, read_only: bool) -> dict:
 
 
 def _inherits_read_only(parent: Any, role: str, child: Any) -> bool:
-    return not child.monitor_owned and f"{role}.read-only" not in parent.flat_options
+    # Only a child opened as part of the parent reopens with it (not one added
+    # by its own blockdev-add, nor an overlay a snapshot put in place).
+    return inherits_from(child, parent) and f"{role}.read-only" not in parent.flat_options
 
 
 def skip_implicit_filters(node: Any) -> Any:
@@ -499,6 +506,7 @@ def _reopen_qcow2_image(node: Any, read_only: bool) -> None:
 def reopen_nodes(graph: Any, entries: list) -> None:
     """blockdev-reopen of ``entries`` (each a full BlockdevOptions)."""
     job = _Reopen(graph)
+    queued: dict[str, dict] = {}
     for options in entries:
         name = options.get("node-name")
         if name is None:
@@ -506,7 +514,11 @@ def reopen_nodes(graph: Any, entries: list) -> None:
         node = graph.find(name)
         if node is None:
             raise QMPError(f"Failed to find node with node-name='{name}'")
-        job.queue(node, dict(options))
+        # A node named twice keeps its first place in the queue with the options
+        # of both, the later ones winning (bdrv_reopen_queue_child joins them).
+        queued[name] = _joined(queued[name], options) if name in queued else dict(options)
+    for name, options in queued.items():
+        job.queue(graph.find(name), options)
     nodes = [plan.node for plan in job.plans]
     # The nodes are drained while they change (bdrv_reopen_multiple), so the jobs
     # on them show QEMU's paused/running pair.
@@ -519,6 +531,17 @@ def reopen_nodes(graph: Any, entries: list) -> None:
 def blockdev_reopen(ctx: Context, args: dict) -> dict:
     reopen_nodes(ctx.daemon.graph, args["options"])
     return {}
+
+
+def _joined(old: dict, new: dict) -> dict:
+    """``new`` over ``old``, nested option groups joined key by key."""
+    joined = dict(old)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(joined.get(key), dict):
+            joined[key] = _joined(joined[key], value)
+        else:
+            joined[key] = value
+    return joined
 
 
 def _kept_options(child: BlockNode, read_only: bool) -> dict:

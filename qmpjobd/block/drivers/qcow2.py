@@ -189,6 +189,10 @@ class Qcow2Node(BlockNode):
         qcow2_bitmaps.on_open(self)
         image.backing = None
 
+    def backing_linked(self) -> None:
+        if self.image is not None:
+            self.image.backing = self._read_backing if self.backing_node() is not None else None
+
     def open_backing(self) -> bool:
         """The second step of opening, which the graph runs once the format is open
         (QEMU's bdrv_open_backing_file); True when a backing child was attached."""
