@@ -464,9 +464,7 @@ def _relink(node: Any, children: dict) -> None:
     # undone change puts the old link back there too).
     changed = {r: c for r, c in children.items() if node.children.get(r) is not c}
     node.children = {**changed, **{r: c for r, c in children.items() if r not in changed}}
-    image = getattr(node, "image", None)
-    if image is not None and hasattr(node, "_read_backing"):
-        image.backing = node._read_backing if node.children.get("backing") else None
+    node.backing_linked()
 
 
 def _set_read_only(node: Any, read_only: bool) -> None:

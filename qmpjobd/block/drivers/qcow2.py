@@ -197,9 +197,8 @@ class Qcow2Node(BlockNode):
         """The second step of opening, which the graph runs once the format is open
         (QEMU's bdrv_open_backing_file); True when a backing child was attached."""
         self._open_backing()
-        assert self.image is not None
-        self.image.backing = self._read_backing if self.backing_node() is not None else None
-        return self.image.backing is not None
+        self.backing_linked()
+        return self.backing_node() is not None
 
     def _refuse_options(self) -> None:
         if "encrypt" in self.options:

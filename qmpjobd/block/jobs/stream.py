@@ -36,7 +36,6 @@ from qmpjobd.block.formats.qcow2.backing import (
     find_overlay,
     is_qcow2,
     layer_status,
-    relink_backing,
     skip_filters,
 )
 from qmpjobd.block.graph import freeze_chain, unfreeze_links
@@ -229,7 +228,6 @@ class StreamJob(BlockJob):
             old = device.backing_node()
             with self.graph.graph_change("set-backing"):
                 self.graph.set_backing(device, base)
-                relink_backing(device)
             self._release_dropped(old)
         return 0
 

@@ -5,8 +5,6 @@
   name (``None``: no backing at all, ``backing_file_offset`` 0) and the backing
   format extension (``None``: the extension goes). The header is rewritten as a
   whole cluster and flushed, as qcow2_update_header does.
-* ``relink_backing(node)``: after the graph gave a qcow2 node another backing
-  child (or none), make its image read unallocated clusters from that child.
 * ``layer_status(node, offset, length)``: what one layer holds at ``offset``,
   without looking below it (QEMU's bdrv_is_allocated): ``"data"``, ``"zero"`` or
   ``"unallocated"``, and for how many bytes the answer holds.
@@ -78,14 +76,6 @@ def change_backing_file(node: "BlockNode", name: str | None, fmt: str | None) ->
         raise
     # The node's name no longer comes from what the header named at open.
     node.opened_backing_from_header = False  # type: ignore[attr-defined]
-
-
-def relink_backing(node: "BlockNode") -> None:
-    """Point the image's backing reads at the node's current backing child."""
-    image = getattr(node, "image", None)
-    if image is None or not hasattr(node, "_read_backing"):
-        return
-    image.backing = node._read_backing if node.backing_node() is not None else None  # type: ignore[attr-defined]
 
 
 def skip_filters(node: "BlockNode | None") -> "BlockNode | None":
