@@ -406,8 +406,10 @@ class BlockNode:
         offload); a host file driver starts writeback early
         (qmpjobd.block.writeback), other nodes ignore it."""
 
-    async def co_pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False) -> None:
-        """Make a range read as zeroes (QEMU's bdrv_co_pwrite_zeroes).
+    async def co_pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False,
+                               may_unmap: bool = False) -> None:
+        """Make a range read as zeroes (QEMU's bdrv_co_pwrite_zeroes). ``may_unmap``
+        (BDRV_REQ_MAY_UNMAP) only matters to formats with zero clusters.
 
         Where the node maps 1:1 onto a host file the range is zeroed without
         writing data (fallocate, as QEMU's file driver does); elsewhere zeroes

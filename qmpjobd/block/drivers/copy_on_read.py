@@ -198,6 +198,19 @@ class CopyOnReadNode(BlockNode):
     async def _pwritev(self, offset: int, data: bytes) -> None:
         await self.children["file"].co_pwrite(offset, data)
 
+    async def co_pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False,
+                               may_unmap: bool = False) -> None:
+        # cor_co_pwrite_zeroes: the request goes to the child as it came, so a
+        # commit through this filter still makes zero clusters in a qcow2 base.
+        self._check_write_request(offset, length)
+        if not length:
+            return
+        if self.before_write_notifiers:
+            await self.notify_before_write(offset, length)
+        with self._request():
+            await self.children["file"].co_pwrite_zeroes(offset, length, no_fallback=no_fallback,
+                                                         may_unmap=may_unmap)
+
     # --- names and queries ----------------------------------------------------------------
 
     @property

@@ -46,6 +46,7 @@ from qmpjobd.block.formats.qcow2.backing import (
     UNALLOCATED,
     cow_child,
     find_overlay,
+    skip_filters,
     is_qcow2,
     layer_status,
     status_in_layers,
@@ -581,7 +582,8 @@ class MirrorJob(BlockJob):
         kind, count = self.target.block_status(offset, length)
         # A target that held data when the job began gets every zero request
         # (QEMU skips them only where it knows the target is zero).
-        known_zero = self.target_was_zero or not is_qcow2(self.target)
+        qcow2_target = is_qcow2(skip_filters(self.target))
+        known_zero = self.target_was_zero or not qcow2_target
         if kind == "zero" and count >= length and known_zero:
             if _zeroes_come_from_backing(self.target, offset, length):
                 # An overlay must record the zeroes itself (zero clusters).
@@ -591,7 +593,7 @@ class MirrorJob(BlockJob):
             self.target.chain_write_started(offset, length)
             self.target.chain_write_finished(offset, length)
             return
-        if is_qcow2(self.target):
+        if qcow2_target:
             # QEMU's zero request with MAY_UNMAP (the mirror's unmap=true; the
             # node drops it unless opened with discard=unmap): zero clusters
             # replace the data, none is written.
