@@ -98,6 +98,11 @@ GRAPH_CHANGES: dict[str, GraphChange] = {
     # A job's read-only <-> read-write switch of a node (stream's device,
     # commit's base): bdrv_reopen_set_read_only.
     "reopen": GraphChange("bdrv_reopen_multiple", _PLAIN),
+    # blockdev-reopen whose permission refresh fails: before 10.1 the refresh has
+    # a write-locked section of its own ahead of the abort's (seen on 10.0).
+    "reopen-refresh-failed": GraphChange("bdrv_reopen_multiple (refresh failed)",
+                                         ((_WRLOCK, SectionKind.PULSE),
+                                          (_WRLOCK_DRAINED, SectionKind.NONE))),
     # Block jobs.
     "job-create": GraphChange("block_job_create", _HELD_SINCE_10_1),
     "job-add-node": GraphChange("block_job_add_bdrv", _HELD_SINCE_10_1),

@@ -520,9 +520,21 @@ def reopen_nodes(graph: Any, entries: list) -> None:
     nodes = [plan.node for plan in job.plans]
     # The nodes are drained while they change (bdrv_reopen_multiple), so the jobs
     # on them show QEMU's paused/running pair.
+    # bdrv_reopen_multiple commits, or aborts, under the graph write lock (8.0+):
+    # every job of the daemon sees it, whatever the reopen changes or refuses.
     with graph.artefact_drain(nodes):
-        job.prepare()
-        job.apply()
+        try:
+            job.prepare()
+        except QMPError:
+            graph.graph_changes("reopen")
+            raise
+        try:
+            job.apply()
+        except QMPError:
+            graph.graph_changes("reopen-refresh-failed")
+            graph.graph_changes("reopen")
+            raise
+        graph.graph_changes("reopen")
 
 
 @command("blockdev-reopen")
