@@ -115,6 +115,10 @@ GRAPH_CHANGES: dict[str, GraphChange] = {
     # Not graph changes, but drains of every node without a body:
     # qmp_transaction's "drain all i/o before any operations" (every release) ...
     "drain-all": GraphChange("bdrv_drain_all", (("7.2", SectionKind.DRAIN_ALL),)),
+    # ... and the one blockdev-snapshot-delete-internal-sync starts with (seen on
+    # 11.1, not on 10.0; the release between them is a guess).
+    "snapshot-delete-drain-all": GraphChange("qmp_blockdev_snapshot_delete_internal_sync",
+                                             ((_WRLOCK_DRAINED, SectionKind.DRAIN_ALL),)),
     # ... and the aio-context change job-creating commands make on their target.
     "aio-context": GraphChange("bdrv_try_change_aio_context",
                                ((_WRLOCK_DRAINED, SectionKind.DRAIN_ALL),)),

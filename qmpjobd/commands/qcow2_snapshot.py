@@ -94,6 +94,8 @@ def blockdev_snapshot_delete_internal_sync(ctx: Context, args: dict) -> dict:
     device = args["device"]
     snapshot_id, name = args.get("id"), args.get("name")
     graph = ctx.daemon.graph
+    # Newer releases drain every node before anything else, errors included.
+    graph.graph_changes("snapshot-delete-drain-all")
     node = graph.lookup_root(device)
     if snapshot_id is None and name is None:
         raise QMPError("Name or id must be provided")
