@@ -83,6 +83,8 @@ class Daemon:
         self.graph = BlockGraph(self.jobs, options=self.options, personality=self.personality)
         # object-add's objects (iothread, secret, throttle-group), by id.
         self.objects = ObjectRegistry(lambda: self.personality)
+        # Nodes look secrets up by id (a qcow2 node's encrypt.key-secret).
+        self.graph.has_secret = lambda ident: self.objects.get(ident, "secret") is not None
         self.quit_requested = False
         # Armed test faults and holds; None (nothing is consulted) without them.
         self.faults: FaultTable | None = FaultTable() if self.options.test_controls else None

@@ -51,6 +51,8 @@ class BlockGraph:
         # Open drained sections: (the nodes asked for, or None for all; quiesced nodes).
         self._drained_sections: list[tuple[tuple[BlockNode, ...] | None, list[BlockNode]]] = []
         self._path_policy = PathPolicy()
+        # Whether an object-add secret of that id exists (set by the daemon).
+        self.has_secret: Callable[[str], bool] = lambda ident: False
 
     # --- path confinement ----------------------------------------------------------
 
@@ -809,6 +811,3 @@ def check_generic_options(options: dict, default_discard: str | None = None) -> 
                        "setting discard operation to unmap")
     if options.get("force-share") and not options.get("read-only"):
         raise QMPError("force-share=on can only be used with read-only images")
-    if options.get("cache", {}).get("direct"):
-        # O_DIRECT needs aligned buffers end to end; not offered rather than faked.
-        raise QMPError("cache.direct=on is not supported by qmpjobd")

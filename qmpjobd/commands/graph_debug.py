@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from qmpjobd.block import permissions as P
 from qmpjobd.block.formats.qcow2.header import check_runtime_options
+from qmpjobd.block.formats.qcow2.image import Options, check_encryption
 from qmpjobd.block.graph import check_generic_options, check_link_unfrozen, inherits_from, reaches
 from qmpjobd.block.node import BlockNode, flatten_options
 from qmpjobd.block.personality import QEMU_OPT_SIZE_RANGE_REWORDED
@@ -248,10 +249,8 @@ class _Reopen:
             check_runtime_options(node.image.header, options,
                                   self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
             encrypt = options.get("encrypt")
-            fmt = encrypt.get("format") if isinstance(encrypt, dict) else None
-            if fmt is not None and not node.image.header.crypt_method:
-                raise QMPError("No encryption in image header, but options specified "
-                               f"format '{fmt}'")
+            if isinstance(encrypt, dict):
+                check_encryption(node.image.header, Options(encrypt_format=encrypt.get("format")))
         plan.children = dict(node.children)
         self._prepare_backing(plan)
         self._prepare_file(plan)

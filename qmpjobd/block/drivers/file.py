@@ -37,11 +37,47 @@ from qmpjobd.errors import QMPError
 SECTOR = 512
 
 
+# raw_probe_alignment's candidates: powers of two up to the largest block size.
+_DIRECT_CANDIDATES = (512, 1024, 2048, 4096)
+
+
+def probe_direct_alignment(path: str) -> tuple[int, int]:
+    """The smallest request size and buffer alignment O_DIRECT reads of ``path``
+    accept (each 4096 when none smaller works); OSError when the file cannot be
+    opened with O_DIRECT at all."""
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        page = mmap.mmap(-1, 2 * _DIRECT_CANDIDATES[-1])
+        view = memoryview(page)
+        try:
+            request = next((size for size in _DIRECT_CANDIDATES
+                            if _reads(fd, view[:size])), _DIRECT_CANDIDATES[-1])
+            memory = next((align for align in _DIRECT_CANDIDATES
+                           if _reads(fd, view[align:align + _DIRECT_CANDIDATES[-1]])),
+                          _DIRECT_CANDIDATES[-1])
+        finally:
+            view.release()
+            page.close()
+    finally:
+        os.close(fd)
+    return request, memory
+
+
+def _reads(fd: int, buffer: memoryview) -> bool:
+    try:
+        os.preadv(fd, [buffer], 0)
+    except OSError:
+        return False
+    return True
+
+
 class FileNode(BlockNode):
     driver = "file"
     is_protocol = True
     strong_options = ("filename",)
-    # Without O_DIRECT (cache.direct=on is refused) any buffer address will do.
+    # Without cache.direct any buffer address will do.
     leaf_min_mem_alignment = 1
 
     def open(self) -> None:
@@ -57,6 +93,38 @@ class FileNode(BlockNode):
         self.locks = ImageLocks(self.fd, locking_enabled(self.options.get("locking")),
                                 self.path)
         self._pending_perms = (0, 0xF)
+        self._direct_alignments: tuple[int, int] | None = None
+        cache = self.options.get("cache")
+        if isinstance(cache, dict) and cache.get("direct"):
+            # file-posix opens with O_DIRECT: a file system without it refuses.
+            self._probe_direct()
+
+    # --- cache.direct -------------------------------------------------------------------
+
+    def _probe_direct(self) -> tuple[int, int]:
+        """(request, memory) alignment of O_DIRECT I/O on this file, probed as
+        QEMU's raw_probe_alignment does. qmpjobd's own I/O stays buffered (with
+        the same flushes), so only the limits QEMU reports change."""
+        if self._direct_alignments is None:
+            try:
+                self._direct_alignments = probe_direct_alignment(self.path)
+            except OSError as exc:
+                self.close()
+                raise QMPError(f"Could not open '{self.path}': {exc.strerror}") from None
+        return self._direct_alignments
+
+    def _direct(self) -> bool:
+        from qmpjobd.block.query import cache_flag
+        return cache_flag(self, "direct")
+
+    def request_alignment(self) -> int:
+        return self._probe_direct()[0] if self._direct() else 1
+
+    def block_limits(self) -> dict:
+        limits = super().block_limits()
+        if self._direct():
+            limits["min-mem-alignment"] = self._probe_direct()[1]
+        return limits
 
     def close(self) -> None:
         if self.fd is not None:

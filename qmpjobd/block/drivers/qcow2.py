@@ -201,14 +201,17 @@ class Qcow2Node(BlockNode):
         return self.backing_node() is not None
 
     def _refuse_options(self) -> None:
-        if "encrypt" in self.options:
-            raise QMPError("qcow2 encryption is not supported by qmpjobd")
         if "data-file" in self.options:
             raise QMPError("'data-file' can only be set for images with an external "
                            "data file")
 
     def _image_options(self) -> Options:
-        options = Options(discard_no_unref=bool(self.options.get("discard-no-unref")))
+        encrypt = self.options.get("encrypt")
+        encrypt = encrypt if isinstance(encrypt, dict) else {}
+        options = Options(discard_no_unref=bool(self.options.get("discard-no-unref")),
+                          encrypt_format=encrypt.get("format"),
+                          encrypt_secret=encrypt.get("key-secret"),
+                          has_secret=self.graph.has_secret)
         cluster = 1 << 16
         l2_size = self.options.get("l2-cache-size")
         if isinstance(l2_size, int) and l2_size > 0:

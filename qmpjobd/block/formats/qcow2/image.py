@@ -120,6 +120,10 @@ class Options:
     discard_no_unref: bool = False
     l2_cache_entries: int = 512          # 32 MiB of 64 KiB tables, QEMU's default cap
     refcount_cache_entries: int = 256
+    # encrypt.format and encrypt.key-secret as given, and whether that secret exists.
+    encrypt_format: str | None = None
+    encrypt_secret: str | None = None
+    has_secret: Callable[[str], bool] = lambda ident: False
 
 
 class Qcow2Image:
@@ -185,7 +189,7 @@ class Qcow2Image:
                 and (1 << bits) > len(first):
             first = await _open_read(storage, 0, 1 << bits, "Could not read qcow2 header")
         header = parse_header(first, read_write=not read_only)
-        refuse_unsupported(header, read_only)
+        refuse_unsupported(header, read_only, options or Options())
         l1_raw = await _open_read(storage, header.l1_table_offset, header.l1_size * 8,
                                   "Could not read L1 table")
         l1 = list(struct.unpack(f">{header.l1_size}Q", l1_raw))
@@ -1457,10 +1461,30 @@ def _c_hex(value: int) -> str:
 _OL_ACTIVE_L1, _OL_ACTIVE_L2, _OL_REFCOUNT_BLOCK = 1 << 1, 1 << 2, 1 << 4
 
 
-def refuse_unsupported(header: Header, read_only: bool) -> None:
-    """Features qmpjobd cannot handle: refused with a message naming them."""
-    if header.crypt_method:
+def check_encryption(header: Header, options: Options) -> None:
+    """QEMU's checks of the encrypt options against the header, up to where it
+    would start decrypting: qmpjobd refuses encrypted images there."""
+    wanted = options.encrypt_format
+    if not header.crypt_method:
+        if wanted is not None:
+            raise Qcow2OpenError("No encryption in image header, but options specified "
+                                 f"format '{wanted}'")
+        return
+    reported = "aes" if header.crypt_method == C.CRYPT_AES else "luks"
+    if wanted is not None and wanted != reported:
+        raise Qcow2OpenError(f"Header reported '{reported}' encryption format but options "
+                             f"specify '{wanted}'")
+    secret = options.encrypt_secret
+    if secret is None:
         raise Qcow2OpenError("Parameter 'encrypt.key-secret' is required for cipher")
+    if not options.has_secret(secret):
+        raise Qcow2OpenError(f"No secret with id '{secret}'")
+    raise Qcow2OpenError("qcow2 encryption is not supported by qmpjobd")
+
+
+def refuse_unsupported(header: Header, read_only: bool, options: Options) -> None:
+    """Features qmpjobd cannot handle: refused with a message naming them."""
+    check_encryption(header, options)
     if header.incompatible_features & C.INCOMPAT_DATA_FILE:
         raise Qcow2OpenError("qcow2 images with an external data file are not "
                              "supported by qmpjobd")
