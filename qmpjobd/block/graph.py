@@ -126,11 +126,12 @@ class BlockGraph:
         node.monitor_owned = True
         return node
 
-    def _open_tree(self, options: dict) -> BlockNode:
-        """Open a node and its inline children; on failure, forget all of them."""
+    def _open_tree(self, options: dict, *, inline_child: bool = False) -> BlockNode:
+        """Open a node and its inline children; on failure, forget all of them.
+        ``inline_child``: a node another node opens (a backing chain member)."""
         created: list[BlockNode] = []
         try:
-            node = self._open(options, created)
+            node = self._open(options, created, inline_child=inline_child)
             # Permissions of every new edge, and the image locks they bring.
             permissions.refresh(self)
             return node

@@ -261,7 +261,7 @@ class Qcow2Node(BlockNode):
             raise QMPError("Could not open backing file: Cannot reference an existing block "
                            "device with additional options or a new filename")
         try:
-            return self.graph._open_tree(options)
+            return self.graph._open_tree(options, inline_child=True)
         except QMPError as exc:
             raise QMPError(f"Could not open backing file: {exc.desc}") from None
 

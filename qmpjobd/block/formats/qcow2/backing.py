@@ -210,7 +210,7 @@ def open_header_backing(node: "BlockNode") -> "BlockNode | None":
                 graph.skip_generated_names(1)
             raise QMPError('A block device must be specified for "file"')
         node.opened_backing_from_header = True  # type: ignore[attr-defined]
-        backing = graph._open_tree(options)
+        backing = graph._open_tree(options, inline_child=True)
     except QMPError as exc:
         raise QMPError(f"Could not open backing file: {exc.desc}") from None
     backing.probed = probed  # type: ignore[attr-defined]  # QEMU's bs->probed
