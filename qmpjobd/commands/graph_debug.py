@@ -488,7 +488,7 @@ def _reopen_qcow2_image(node: Any, read_only: bool) -> None:
         qcow2_bitmaps.before_read_only(node)
         Q.write_back(node, image)
     fresh = Q.run_now(Q.Qcow2Image.open(Q.SyncStorage(file), read_only=read_only,
-                                        options=node._image_options()))
+                                        options=node._image_options(), active=node.active))
     fresh.storage = Q.NodeStorage(file)
     fresh.backing = node._read_backing if node.backing_node() is not None else None
     node.image = fresh

@@ -188,7 +188,7 @@ class Qcow2Node(BlockNode):
         self.image: Qcow2Image | None = None
         self.opened_backing_from_header = False
         image = run_now(Qcow2Image.open(SyncStorage(file), read_only=self.read_only,
-                                        options=self._image_options()))
+                                        options=self._image_options(), active=self.active))
         check_runtime_options(image.header, self.options,
                               self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
         image.storage = NodeStorage(file)
