@@ -104,6 +104,11 @@ def set_read_only(node: Any, read_only: bool) -> None:
             image.read_only = read_only
             if not read_only:
                 _after_read_write(member)
+    if not read_only:
+        # Once every member (the files below too) is writable.
+        from qmpjobd.block.formats.qcow2.repair import repair_on_read_write
+        for member in members:
+            repair_on_read_write(member)
     _refresh_permissions(node.graph)
 
 

@@ -559,3 +559,16 @@ async def mark_clean(image: "Qcow2Image") -> None:
     image.header.incompatible_features &= ~C.INCOMPAT_DIRTY
     await image._flush_all()
     await image.write_header()
+
+
+def repair_on_read_write(node: object) -> None:
+    """A qcow2 node made writable in place (a reopen for a job or a snapshot
+    command): an image with the dirty bit is repaired now, as a read-write open
+    would. QEMU's reopens skip the repair and let writes allocate from the stale
+    refcounts (clusters in use counted free would be handed out again); qmpjobd
+    does not write on refcounts it knows to be unreliable."""
+    image = getattr(node, "image", None)
+    if image is None or image.read_only or not image.header.dirty \
+            or not getattr(node, "active", True):
+        return
+    node.run_metadata_operation(repair_dirty)      # type: ignore[attr-defined]
