@@ -486,7 +486,7 @@ def _reopen_qcow2_image(node: Any, read_only: bool) -> None:
     file = node.children["file"]
     if image is not None and not image.read_only:
         qcow2_bitmaps.before_read_only(node)
-        Q.write_back(node, image)
+        Q.write_back(node, image, mark_clean=True)
     fresh = Q.run_now(Q.Qcow2Image.open(Q.SyncStorage(file), read_only=read_only,
                                         options=node._image_options(), active=node.active))
     fresh.storage = Q.NodeStorage(file)

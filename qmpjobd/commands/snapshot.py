@@ -132,7 +132,7 @@ def _write_back(node: Any) -> None:
     from qmpjobd.block.formats.qcow2.bitmaps import before_read_only
 
     before_read_only(node)
-    write_back(node, image)
+    write_back(node, image, mark_clean=True)
 
 
 def _after_read_write(node: Any) -> None:

@@ -139,14 +139,18 @@ class SyncStorage(NodeStorage):
 
 
 def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False,
-               ordering_flushes: bool = True) -> None:
+               ordering_flushes: bool = True, mark_clean: bool = False) -> None:
     """Write ``image``'s cached metadata (dirty L2 tables, refcount blocks) to
     ``node``'s file, synchronously: used where the node is drained or closing
     (close, going read-only, inactivation), so nothing else is in flight.
 
     ``ordering_flushes`` False leaves out the flushes between dependent tables:
     what is written reaches the kernel in order, which is all a SIGKILL needs (a
-    power cut waits for the node's next flush, as with QEMU)."""
+    power cut waits for the node's next flush, as with QEMU).
+
+    ``mark_clean`` (close, going read-only, inactivation: where QEMU calls
+    qcow2_mark_clean) then clears a dirty bit the image still has, after the
+    tables: one a repair left because corruption it cannot fix remained."""
     if image.read_only:
         return
     storage = SyncStorage(node.children["file"])
@@ -156,6 +160,16 @@ def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False,
                 run_now(storage.flush())
         else:
             run_now(storage.pwrite(*step))
+    if mark_clean and image.header.dirty and not image.unusable:
+        run_now(storage.flush())
+        image.header.incompatible_features &= ~C.INCOMPAT_DIRTY
+        try:
+            header = image.header.pack()
+        except QMPError:
+            header = None       # a header that no longer fits: QEMU's update fails too
+        if header is not None:
+            run_now(storage.pwrite(0, header))
+        flush = True
     if flush:
         run_now(storage.flush())
 
@@ -299,7 +313,7 @@ class Qcow2Node(BlockNode):
             return
         self.image = None
         try:
-            write_back(self, image)
+            write_back(self, image, mark_clean=True)
         except OSError:
             pass     # QEMU reports a failed close flush on stderr and goes on
 

@@ -45,7 +45,7 @@ def inactivate_image(node: Any) -> None:
     else:
         qcow2_bitmaps.report_lost(node, reason)
     try:
-        write_back(node, image, flush=True)
+        write_back(node, image, flush=True, mark_clean=True)
     except OSError:
         pass        # as at close: QEMU reports a failed flush and goes on
 
