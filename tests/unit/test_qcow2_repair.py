@@ -248,3 +248,21 @@ def test_a_check_that_cannot_finish_fails_the_open(dirty_images: dict) -> None:
         asyncio.run(check_refcounts(image, FIX_LEAKS))
     assert "ERROR need to rebuild refcount structures" in err.getvalue()
 
+
+
+def test_unaligned_preallocated_entry_becomes_a_zero_cluster(tmp_path: Path) -> None:
+    """An unaligned preallocated (zero) cluster entry is rewritten as a plain zero
+    cluster, as QEMU's repair does (an unaligned data cluster stays an error)."""
+    for step in [
+            ("img", "create", "-q", "-f", "qcow2", "t.qcow2", "16M"),
+            ("io", "-c", "write -q -P 0x33 0 128k", "-c", "write -q -z 0 64k", "t.qcow2"),
+            ("io", "-f", "raw", "-c", "write -q -P 2 0x40006 1", "-c", "write -q -P 1 79 1",
+             "t.qcow2")]:
+        tool(*step, cwd=tmp_path)
+    dirty = (tmp_path / "t.qcow2").read_bytes()
+    assert dirty[0x40000:0x40008] == bytes.fromhex("8000000000050201")
+    assert tool("img", "check", "-q", "-r", "all", "t.qcow2", cwd=tmp_path).returncode == 0
+    storage, err = open_rw(dirty)
+    assert "Repairing offset=50200: Preallocated cluster is not properly aligned; " \
+           "L2 entry corrupted." in err.splitlines()
+    assert bytes(storage.data) == (tmp_path / "t.qcow2").read_bytes()

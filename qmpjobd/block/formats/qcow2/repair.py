@@ -158,7 +158,7 @@ class _Checker:
             counts.set(cluster, value + 1)
 
     async def count_l1(self, counts: Counts, res: CheckResult, l1_offset: int,
-                       l1_size: int) -> None:
+                       l1_size: int, fix: int = 0, active: bool = True) -> None:
         if not l1_size:
             return
         self.count_range(counts, res, l1_offset, l1_size * 8)
@@ -175,12 +175,13 @@ class _Checker:
                 _say(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
                      "L1 entry corrupted")
                 res.corruptions += 1
-            await self.count_l2(counts, res, l2_offset)
+            await self.count_l2(counts, res, l2_offset, fix, active)
 
-    async def count_l2(self, counts: Counts, res: CheckResult, l2_offset: int) -> None:
+    async def count_l2(self, counts: Counts, res: CheckResult, l2_offset: int,
+                       fix: int = 0, active: bool = True) -> None:
         image = self.image
         raw = await image.storage.pread(l2_offset, self.cs)
-        for entry in struct.unpack(f">{self.cs // 8}Q", raw):
+        for index, entry in enumerate(struct.unpack(f">{self.cs // 8}Q", raw)):
             if not entry:
                 continue
             if entry & C.OFLAG_COMPRESSED:
@@ -203,12 +204,45 @@ class _Checker:
             if host % self.cs:
                 res.corruptions += 1
                 if entry & C.OFLAG_ZERO:
-                    _say(f"ERROR offset={host:x}: Preallocated cluster is not properly "
+                    word = "Repairing" if fix & FIX_ERRORS else "ERROR"
+                    _say(f"{word} offset={host:x}: Preallocated cluster is not properly "
                          "aligned; L2 entry corrupted.")
+                    if fix & FIX_ERRORS:
+                        fixed = await self._zero_entry(res, l2_offset, index, active)
+                        if fixed is None:
+                            return          # it would overwrite metadata: stop here
+                        if fixed:
+                            continue        # a plain zero cluster now: nothing to count
                 else:
                     _say(f"ERROR offset={host:x}: Data cluster is not properly aligned; "
                          "L2 entry corrupted.")
             self.count_range(counts, res, host, self.cs)
+
+    async def _zero_entry(self, res: CheckResult, l2_offset: int, index: int,
+                          active: bool) -> bool | None:
+        """fix_l2_entry_by_zero: the entry becomes a plain zero cluster. True when
+        fixed, False when the write failed, None when the overlap check refused it."""
+        from qmpjobd.block.formats.qcow2 import snapshot as S
+        image = self.image
+        at = l2_offset + index * 8
+        try:
+            image.check_overlap(at, 8, S.OL_ACTIVE_L2 if active else S.OL_INACTIVE_L2)
+        except OSError:
+            _say("ERROR: Overlap check failed")
+            res.check_errors += 1
+            return None
+        try:
+            await image.storage.pwrite(at, _U64.pack(C.OFLAG_ZERO))
+            await image.storage.flush()
+        except OSError as exc:
+            _say("ERROR: Failed to overwrite L2 table entry: "
+                 f"{os.strerror(exc.errno or errno.EIO)}")
+            res.check_errors += 1
+            return False
+        image.l2_cache.discard(l2_offset)
+        res.corruptions -= 1
+        res.corruptions_fixed += 1
+        return True
 
     async def count_bitmaps(self, counts: Counts, res: CheckResult) -> None:
         from qmpjobd.block.formats.qcow2 import bitmaps as B
@@ -267,13 +301,14 @@ class _Checker:
                     rebuild = True
         return rebuild
 
-    async def calculate(self, res: CheckResult, clusters: int) -> tuple[Counts, bool]:
+    async def calculate(self, res: CheckResult, clusters: int,
+                        fix: int = 0) -> tuple[Counts, bool]:
         """calculate_refcounts: the counts, and whether a rebuild is needed."""
         image = self.image
         header = image.header
         counts = Counts(image, clusters)
         self.count_range(counts, res, 0, self.cs)
-        await self.count_l1(counts, res, header.l1_table_offset, len(image.l1))
+        await self.count_l1(counts, res, header.l1_table_offset, len(image.l1), fix, True)
         for snap in image.snapshots:
             if snap.l1_table_offset % self.cs:
                 _say(f"ERROR snapshot {snap.id_str} ({snap.name}) "
@@ -287,7 +322,7 @@ class _Checker:
                      "entry corrupted")
                 res.corruptions += 1
                 continue
-            await self.count_l1(counts, res, snap.l1_table_offset, snap.l1_size)
+            await self.count_l1(counts, res, snap.l1_table_offset, snap.l1_size, fix, False)
         self.count_range(counts, res, header.snapshots_offset, image.snapshots_size)
         self.count_range(counts, res, header.refcount_table_offset, len(image.reftable) * 8)
         await self.count_bitmaps(counts, res)
@@ -499,7 +534,7 @@ async def check_refcounts(image: "Qcow2Image", fix: int) -> CheckResult:
     if clusters > _MAX_CLUSTERS:
         res.check_errors += 1
         raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
-    counts, rebuild = await checker.calculate(res, clusters)
+    counts, rebuild = await checker.calculate(res, clusters, fix)
     before_compare = CheckResult(**vars(res))
     rebuild |= await checker.compare(res, counts, 0)
     if rebuild and fix & FIX_ERRORS:
