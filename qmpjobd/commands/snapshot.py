@@ -106,9 +106,9 @@ def set_read_only(node: Any, read_only: bool) -> None:
                 _after_read_write(member)
     if not read_only:
         # Once every member (the files below too) is writable.
-        from qmpjobd.block.formats.qcow2.repair import repair_on_read_write
+        from qmpjobd.block.formats.qcow2.repair import repair_if_dirty
         for member in members:
-            repair_on_read_write(member)
+            repair_if_dirty(member)
     _refresh_permissions(node.graph)
 
 

@@ -28,6 +28,7 @@ from qmpjobd.block.formats.qcow2 import constants as C
 from qmpjobd.block.formats.qcow2.backing import full_backing_filename, open_header_backing
 from qmpjobd.block.formats.qcow2.header import check_runtime_options
 from qmpjobd.block.formats.qcow2.image import CorruptionError, Options, Qcow2Image, table_entries
+from qmpjobd.block.formats.qcow2.repair import repair_if_dirty
 from qmpjobd.block.formats.qcow2.storage import NodeStorage
 from qmpjobd.block.node import BlockNode, discard_host_range, io_error, write_fully
 from qmpjobd.block.permissions import check_new_parent
@@ -202,7 +203,7 @@ class Qcow2Node(BlockNode):
         self.image: Qcow2Image | None = None
         self.opened_backing_from_header = False
         image = run_now(Qcow2Image.open(SyncStorage(file), read_only=self.read_only,
-                                        options=self._image_options(), active=self.active))
+                                        options=self._image_options(), repair=False))
         check_runtime_options(image.header, self.options,
                               self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
         image.storage = NodeStorage(file)
@@ -212,6 +213,12 @@ class Qcow2Node(BlockNode):
         self.size = image.size
         qcow2_bitmaps.on_open(self)
         image.backing = None
+        try:
+            # After the bitmaps are loaded, as in qcow2_do_open.
+            repair_if_dirty(self)
+        except BaseException:
+            self.image = None      # a failed open writes nothing at close
+            raise
 
     def open_backing(self) -> bool:
         """The second step of opening, which the graph runs once the format is open

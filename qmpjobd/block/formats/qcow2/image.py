@@ -170,10 +170,11 @@ class Qcow2Image:
 
     @classmethod
     async def open(cls, storage: Storage, *, read_only: bool,
-                   options: Options | None = None, active: bool = True) -> "Qcow2Image":
+                   options: Options | None = None, repair: bool = True) -> "Qcow2Image":
         """Read and check the header, the L1 table and the refcount table. A
-        writable image with the dirty bit is repaired first, as QEMU does
-        (repair.py), unless it is opened inactive (it is someone else's)."""
+        writable image with the dirty bit is repaired, as QEMU does (repair.py),
+        unless ``repair`` is False (a node repairs it itself once its corruption
+        listener is in place, and not when it opens inactive)."""
         first = await storage.pread(0, 4096)
         bits = header_cluster_bits(first)
         if bits is not None and C.MIN_CLUSTER_BITS <= bits <= C.MAX_CLUSTER_BITS \
@@ -196,7 +197,7 @@ class Qcow2Image:
         if not read_only and header.autoclear_features & ~known:
             header.autoclear_features &= known
             await image.write_header()
-        if not read_only and active and header.dirty:
+        if not read_only and repair and header.dirty:
             from qmpjobd.block.formats.qcow2.repair import repair_dirty
             await repair_dirty(image)
         if too_big_for_a_node(header):

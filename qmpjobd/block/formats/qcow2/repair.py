@@ -73,8 +73,16 @@ class CheckResult:
 
 
 def _say(line: str) -> None:
+    """The check's own lines (QEMU prints them with fprintf: no program name)."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+def _error_report(line: str) -> None:
+    """A rebuild failure, which QEMU reports with error_report_err: the program
+    name first, in every version."""
+    from qmpjobd.block.stderr import PROGRAM_PREFIX
+    _say(PROGRAM_PREFIX + line)
 
 
 class Counts:
@@ -437,10 +445,27 @@ class _Checker:
                     table.extend([0] * (entries - len(table)))
                     grown = True
                 table[index] = block_offset
-            image.check_overlap(block_offset, self.cs, 0)
-            await image.storage.pwrite(block_offset, counts.block_bytes(index))
+            await self._checked_write(block_offset, counts.block_bytes(index), "refblock")
             cluster = block_start + per_block
         return grown
+
+    async def _checked_write(self, offset: int, data: bytes, what: str) -> None:
+        """A write of the new structure after the overlap check against every
+        kind of metadata; a refusal marks the image corrupt (QEMU's
+        qcow2_signal_corruption) and fails the rebuild with QEMU's report."""
+        from qmpjobd.block.formats.qcow2.image import CorruptionError
+        image = self.image
+        try:
+            image.check_overlap(offset, len(data), 0)
+            await image.storage.pwrite(offset, data)
+        except CorruptionError as exc:
+            await image.signal_corruption(exc.fatal, exc.corrupt_offset, exc.corrupt_size,
+                                          exc.message)
+            _error_report(f"ERROR writing {what}: {os.strerror(errno.EIO)}")
+            raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+        except OSError as exc:
+            _error_report(f"ERROR writing {what}: {os.strerror(exc.errno or errno.EIO)}")
+            raise
 
     async def rebuild(self, counts: Counts) -> None:
         """rebuild_refcount_structure: a new refcount structure from the counts;
@@ -459,8 +484,7 @@ class _Checker:
             table_offset = start * self.cs
             grown = await self._write_refblocks(counts, start, start + table_clusters, table)
         data = struct.pack(f">{len(table)}Q", *table)
-        image.check_overlap(table_offset, len(data), 0)
-        await image.storage.pwrite(table_offset, data)
+        await self._checked_write(table_offset, data, "reftable")
         # Everything the new header fields will name is on the disk first.
         await image.storage.flush()
         await image.storage.pwrite(48, struct.pack(">QI", table_offset, table_clusters))
@@ -596,10 +620,11 @@ async def mark_clean(image: "Qcow2Image") -> None:
     await image.write_header()
 
 
-def repair_on_read_write(node: object) -> None:
-    """A qcow2 node made writable in place (a reopen for a job or a snapshot
-    command): an image with the dirty bit is repaired now, as a read-write open
-    would. QEMU's reopens skip the repair and let writes allocate from the stale
+def repair_if_dirty(node: object) -> None:
+    """The repair of a qcow2 node's image when it has the dirty bit and is
+    writable: at open (once the node listens for corruption, so an overlap the
+    repair meets sends QEMU's event), and when a node becomes writable by a
+    reopen. QEMU's reopens skip the repair and let writes allocate from the stale
     refcounts (clusters in use counted free would be handed out again); qmpjobd
     does not write on refcounts it knows to be unreliable."""
     image = getattr(node, "image", None)
