@@ -34,6 +34,12 @@ A kill at any point leaves an image that still has the dirty bit (until step 6)
 and whose header names either the old refcount structure or the complete new
 one, so the next read-write open repairs it again; nothing in use is ever
 overwritten (new structures only go where the counts say nothing lives).
+
+Not reproduced (damaged images only, never what a crash leaves): QEMU's repairs
+of the snapshot table (qcow2_check_fix_snapshot_table), and its growing of the
+file to cover a refcount block that lies past the end (here that block is an
+error and the structure is rebuilt); a refcount block QEMU cannot even read
+(unaligned) marks the image corrupt in QEMU, here it is only a check error.
 """
 
 from __future__ import annotations
