@@ -38,8 +38,7 @@ overwritten (new structures only go where the counts say nothing lives).
 Not reproduced (damaged images only, never what a crash leaves): QEMU's repairs
 of the snapshot table (qcow2_check_fix_snapshot_table), and its growing of the
 file to cover a refcount block that lies past the end (here that block is an
-error and the structure is rebuilt); a refcount block QEMU cannot even read
-(unaligned) marks the image corrupt in QEMU, here it is only a check error.
+error and the structure is rebuilt).
 """
 
 from __future__ import annotations
@@ -381,9 +380,17 @@ class _Checker:
         return block == expected
 
     async def _compare_one(self, res: CheckResult, counts: Counts, k: int, fix: int) -> bool:
+        from qmpjobd.block.formats.qcow2.image import CorruptionError
         image = self.image
         try:
             on_disk = await image.get_refcount(k)
+        except CorruptionError as exc:
+            # An unreadable refcount block marks the image corrupt (once).
+            await image.signal_corruption(exc.fatal, exc.corrupt_offset, exc.corrupt_size,
+                                          exc.message)
+            _say(f"Can't get refcount for cluster {k}: {os.strerror(errno.EIO)}")
+            res.check_errors += 1
+            return False
         except OSError as exc:
             _say(f"Can't get refcount for cluster {k}: "
                  f"{os.strerror(exc.errno or errno.EIO)}")
