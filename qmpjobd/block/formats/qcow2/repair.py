@@ -55,7 +55,7 @@ from qmpjobd.block.formats.qcow2.header import Qcow2OpenError
 from qmpjobd.block.formats.qcow2.refcount import get_refcount, set_refcount
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qmpjobd.block.formats.qcow2.image import Qcow2Image
+    from qmpjobd.block.formats.qcow2.image import CorruptionError, Qcow2Image
 
 REFT_RESERVED_MASK = 0x1FF
 _MAX_CLUSTERS = 2 ** 31 - 1          # QEMU's INT_MAX limit on the image's clusters
@@ -236,11 +236,13 @@ class _Checker:
         """fix_l2_entry_by_zero: the entry becomes a plain zero cluster. True when
         fixed, False when the write failed, None when the overlap check refused it."""
         from qmpjobd.block.formats.qcow2 import snapshot as S
+        from qmpjobd.block.formats.qcow2.image import CorruptionError
         image = self.image
         at = l2_offset + index * 8
         try:
             image.check_overlap(at, 8, S.OL_ACTIVE_L2 if active else S.OL_INACTIVE_L2)
-        except OSError:
+        except CorruptionError as exc:
+            await self._signal(exc)
             _say("ERROR: Overlap check failed")
             res.check_errors += 1
             return None
@@ -361,7 +363,14 @@ class _Checker:
             for k in range(cluster, end):
                 rebuild |= await self._compare_one(res, counts, k, fix)
             cluster = end
-        await image.process_discards()
+        # Freed (leaked) clusters are handed back to the file at once, as QEMU's
+        # QCOW2_DISCARD_ALWAYS does: nothing references them, so this needs no
+        # refcount on the disk first (the fixed refcounts stay cached until the
+        # dirty bit is cleared, as in QEMU, where a failed repair drops them).
+        freed = sorted(set(image.pending_discards))
+        image.pending_discards.clear()
+        for offset in freed:
+            await image.storage.discard(offset, self.cs)
         return rebuild
 
     async def _block_matches(self, index: int, counts: Counts) -> bool:
@@ -462,6 +471,11 @@ class _Checker:
             cluster = block_start + per_block
         return grown
 
+    async def _signal(self, exc: "CorruptionError") -> None:
+        """QEMU's qcow2_signal_corruption for what an overlap check refused."""
+        await self.image.signal_corruption(exc.fatal, exc.corrupt_offset, exc.corrupt_size,
+                                           exc.message)
+
     async def _checked_write(self, offset: int, data: bytes, what: str) -> None:
         """A write of the new structure after the overlap check against every
         kind of metadata; a refusal marks the image corrupt (QEMU's
@@ -472,8 +486,7 @@ class _Checker:
             image.check_overlap(offset, len(data), 0)
             await image.storage.pwrite(offset, data)
         except CorruptionError as exc:
-            await image.signal_corruption(exc.fatal, exc.corrupt_offset, exc.corrupt_size,
-                                          exc.message)
+            await self._signal(exc)
             _error_report(f"ERROR writing {what}: {os.strerror(errno.EIO)}")
             raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
         except OSError as exc:
@@ -511,6 +524,7 @@ class _Checker:
 
     async def fix_copied_flags(self, res: CheckResult) -> None:
         """check_oflag_copied in repair mode, over the active tables."""
+        from qmpjobd.block.formats.qcow2.image import _OL_ACTIVE_L2, CorruptionError
         image = self.image
         for index, l1_entry in enumerate(list(image.l1)):
             l2_offset = l1_entry & C.L1E_OFFSET_MASK
@@ -527,6 +541,10 @@ class _Checker:
                          else l1_entry & ~C.OFLAG_COPIED)
                 try:
                     await image._write_l1_entry(index, value)
+                except CorruptionError as exc:
+                    await self._signal(exc)
+                    res.check_errors += 1
+                    return
                 except OSError:
                     res.check_errors += 1
                     return
@@ -549,9 +567,15 @@ class _Checker:
                                    else entry & ~C.OFLAG_COPIED)
                     changed += 1
             if changed:
-                from qmpjobd.block.formats.qcow2.image import _OL_ACTIVE_L2
                 try:
                     image.check_overlap(l2_offset, self.cs, _OL_ACTIVE_L2)
+                except CorruptionError as exc:
+                    await self._signal(exc)
+                    _say("ERROR: Could not write L2 table; metadata overlap check failed: "
+                         f"{os.strerror(errno.EIO)}")
+                    res.check_errors += 1
+                    return
+                try:
                     await image.storage.pwrite(l2_offset, bytes(table))
                 except OSError as exc:
                     _say(f"ERROR: Could not write L2 table: "
@@ -602,7 +626,6 @@ async def check_refcounts(image: "Qcow2Image", fix: int) -> CheckResult:
         if res.leaks or res.corruptions:
             res = before_compare
             await checker.compare(res, counts, fix)
-    await image.flush_cache(image.refcount_cache)
     if fix & FIX_ERRORS or (fix & FIX_LEAKS and not (res.check_errors or res.corruptions
                                                       or res.leaks)):
         await checker.fix_copied_flags(res)
