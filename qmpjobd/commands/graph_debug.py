@@ -490,14 +490,17 @@ def _reopen_qcow2_image(node: Any, read_only: bool) -> None:
     file = node.children["file"]
     if image is not None and not image.read_only:
         qcow2_bitmaps.before_read_only(node)
-        Q.write_back(node, image)
+        Q.write_back(node, image, mark_clean=True)
     fresh = Q.run_now(Q.Qcow2Image.open(Q.SyncStorage(file), read_only=read_only,
-                                        options=node._image_options()))
+                                        options=node._image_options(), repair=False))
     fresh.storage = Q.NodeStorage(file)
+    fresh.corruption_listener = node._corruption_event
     fresh.backing = node._read_backing if node.backing_node() is not None else None
     node.image = fresh
     if not read_only:
         qcow2_bitmaps.after_read_write(node)
+        from qmpjobd.block.formats.qcow2.repair import repair_if_dirty
+        repair_if_dirty(node)
 
 
 def reopen_nodes(graph: Any, entries: list) -> None:

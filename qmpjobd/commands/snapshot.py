@@ -106,6 +106,11 @@ def set_read_only(node: Any, read_only: bool) -> None:
             image.read_only = read_only
             if not read_only:
                 _after_read_write(member)
+    if not read_only:
+        # Once every member (the files below too) is writable.
+        from qmpjobd.block.formats.qcow2.repair import repair_if_dirty
+        for member in members:
+            repair_if_dirty(member)
     _refresh_permissions(node.graph)
 
 
@@ -139,7 +144,7 @@ def _write_back(node: Any) -> None:
     from qmpjobd.block.formats.qcow2.bitmaps import before_read_only
 
     before_read_only(node)
-    write_back(node, image)
+    write_back(node, image, mark_clean=True)
 
 
 def _after_read_write(node: Any) -> None:

@@ -85,6 +85,11 @@ def _reopen(node: BlockNode, read_only: bool) -> None:
         image = getattr(member, "image", None)
         if image is not None:
             image.read_only = read_only
+    if not read_only:
+        # Once every member (the files below too) is writable.
+        from qmpjobd.block.formats.qcow2.repair import repair_if_dirty
+        for member in members:
+            repair_if_dirty(member)
 
 
 def _writable_members(node: BlockNode, members: list) -> list:

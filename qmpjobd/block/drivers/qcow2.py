@@ -28,6 +28,7 @@ from qmpjobd.block.formats.qcow2 import constants as C
 from qmpjobd.block.formats.qcow2.backing import full_backing_filename, open_header_backing
 from qmpjobd.block.formats.qcow2.header import check_runtime_options
 from qmpjobd.block.formats.qcow2.image import CorruptionError, Options, Qcow2Image, table_entries
+from qmpjobd.block.formats.qcow2.repair import repair_if_dirty
 from qmpjobd.block.formats.qcow2.storage import NodeStorage
 from qmpjobd.block.node import BlockNode, discard_host_range, io_error, write_fully
 from qmpjobd.block.permissions import check_new_parent
@@ -129,14 +130,18 @@ class SyncStorage(NodeStorage):
 
 
 def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False,
-               ordering_flushes: bool = True) -> None:
+               ordering_flushes: bool = True, mark_clean: bool = False) -> None:
     """Write ``image``'s cached metadata (dirty L2 tables, refcount blocks) to
     ``node``'s file, synchronously: used where the node is drained or closing
     (close, going read-only, inactivation), so nothing else is in flight.
 
     ``ordering_flushes`` False leaves out the flushes between dependent tables:
     what is written reaches the kernel in order, which is all a SIGKILL needs (a
-    power cut waits for the node's next flush, as with QEMU)."""
+    power cut waits for the node's next flush, as with QEMU).
+
+    ``mark_clean`` (close, going read-only, inactivation: where QEMU calls
+    qcow2_mark_clean) then clears a dirty bit the image still has, after the
+    tables: one a repair left because corruption it cannot fix remained."""
     if image.read_only:
         return
     storage = SyncStorage(node.children["file"])
@@ -146,6 +151,16 @@ def write_back(node: BlockNode, image: "Qcow2Image", *, flush: bool = False,
                 run_now(storage.flush())
         else:
             run_now(storage.pwrite(*step))
+    if mark_clean and image.header.dirty and not image.unusable:
+        run_now(storage.flush())
+        image.header.incompatible_features &= ~C.INCOMPAT_DIRTY
+        try:
+            header = image.header.pack()
+        except QMPError:
+            header = None       # a header that no longer fits: QEMU's update fails too
+        if header is not None:
+            run_now(storage.pwrite(0, header))
+        flush = True
     if flush:
         run_now(storage.flush())
 
@@ -178,7 +193,7 @@ class Qcow2Node(BlockNode):
         self.image: Qcow2Image | None = None
         self.opened_backing_from_header = False
         image = run_now(Qcow2Image.open(SyncStorage(file), read_only=self.read_only,
-                                        options=self._image_options()))
+                                        options=self._image_options(), repair=False))
         check_runtime_options(image.header, self.options,
                               self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
         image.storage = NodeStorage(file)
@@ -188,6 +203,12 @@ class Qcow2Node(BlockNode):
         self.size = image.size
         qcow2_bitmaps.on_open(self)
         image.backing = None
+        try:
+            # After the bitmaps are loaded, as in qcow2_do_open.
+            repair_if_dirty(self)
+        except BaseException:
+            self.image = None      # a failed open writes nothing at close
+            raise
 
     def backing_linked(self) -> None:
         if self.image is not None:
@@ -295,7 +316,7 @@ class Qcow2Node(BlockNode):
             return
         self.image = None
         try:
-            write_back(self, image)
+            write_back(self, image, mark_clean=True)
         except OSError:
             pass     # QEMU reports a failed close flush on stderr and goes on
 

@@ -45,7 +45,7 @@ def inactivate_image(node: Any) -> None:
     else:
         qcow2_bitmaps.report_lost(node, reason)
     try:
-        write_back(node, image, flush=True)
+        write_back(node, image, flush=True, mark_clean=True)
     except OSError:
         pass        # as at close: QEMU reports a failed flush and goes on
 
@@ -62,7 +62,7 @@ def activate_image(node: Any) -> None:
     file = node.children["file"]
     try:
         image = run_now(Qcow2Image.open(SyncStorage(file), read_only=old.read_only,
-                                        options=old.options))
+                                        options=old.options, repair=False))
     except (QMPError, OSError) as exc:
         # QEMU drops the driver of a node it could not open again.
         old.unusable = True
@@ -74,3 +74,5 @@ def activate_image(node: Any) -> None:
     node.image = image
     node.size = image.size
     qcow2_bitmaps.on_open(node)
+    from qmpjobd.block.formats.qcow2.repair import repair_if_dirty
+    repair_if_dirty(node)

@@ -21,7 +21,8 @@ refcount blocks:
 
 A kill at any instant therefore leaves leaked clusters at worst. Lazy refcounts
 are accepted as an option but refcounts are always kept exact, so the dirty bit
-is never set by qmpjobd. (Taking or deleting an internal snapshot changes a
+is never set by qmpjobd (an image another program left dirty is repaired when
+it is opened writable, as QEMU does: repair.py). (Taking or deleting an internal snapshot changes a
 refcount and the OFLAG_COPIED bit of the entry using it in two different
 clusters; a kill between those two writes leaves what ``qemu-img check`` calls
 an OFLAG_COPIED error, exactly as QEMU's own ordering does.)
@@ -181,8 +182,11 @@ class Qcow2Image:
 
     @classmethod
     async def open(cls, storage: Storage, *, read_only: bool,
-                   options: Options | None = None) -> "Qcow2Image":
-        """Read and check the header, the L1 table and the refcount table."""
+                   options: Options | None = None, repair: bool = True) -> "Qcow2Image":
+        """Read and check the header, the L1 table and the refcount table. A
+        writable image with the dirty bit is repaired, as QEMU does (repair.py),
+        unless ``repair`` is False (a node repairs it itself once its corruption
+        listener is in place, and not when it opens inactive)."""
         first = await _open_read(storage, 0, 4096, "Could not read qcow2 header")
         bits = header_cluster_bits(first)
         if bits is not None and C.MIN_CLUSTER_BITS <= bits <= C.MAX_CLUSTER_BITS \
@@ -208,6 +212,9 @@ class Qcow2Image:
         if not read_only and header.autoclear_features & ~known:
             header.autoclear_features &= known
             await image.write_header()
+        if not read_only and repair and header.dirty:
+            from qmpjobd.block.formats.qcow2.repair import repair_dirty
+            await repair_dirty(image)
         if too_big_for_a_node(header):
             raise Qcow2OpenError("Could not refresh total sector count: File too large")
         return image
@@ -1493,9 +1500,3 @@ def refuse_unsupported(header: Header, read_only: bool, options: Options) -> Non
                              "supported by qmpjobd")
     if header.compression_type != C.COMPRESSION_ZLIB:
         raise Qcow2OpenError("qcow2 images with zstd compression are not supported by qmpjobd")
-    if read_only:
-        return
-    if header.dirty:
-        raise Qcow2OpenError("qcow2 image has the dirty bit set (lazy refcounts after a "
-                             "crash); qmpjobd opens it read-only only: repair it with "
-                             "'qemu-img check -r all' first")
