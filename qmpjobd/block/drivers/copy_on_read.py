@@ -23,6 +23,7 @@ Nodes with test-control request hooks always get the plain read and write.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from qmpjobd.block.formats.qcow2.backing import (
     UNALLOCATED,
@@ -31,7 +32,7 @@ from qmpjobd.block.formats.qcow2.backing import (
     layer_status,
     skip_filters,
 )
-from qmpjobd.block.formats.qcow2.storage import CheckedCopy, is_zero
+from qmpjobd.block.formats.qcow2.storage import CheckedCopy, MixedZeroes, is_zero
 from qmpjobd.block.node import BlockNode
 from qmpjobd.block.offload import host_runs, interposed, qcow2_image_on_host
 from qmpjobd.errors import QMPError
@@ -47,6 +48,24 @@ class _Below:
     zeroes: bool                   # reads as zeroes without any file I/O
     plain: bool = False            # every read on the way is an unhooked qcow2 read
     copy: bool = True              # the extent needs copying into the child
+
+
+def _host_copy_images(child: BlockNode, offset: int, count: int, below: "_Below") -> Any:
+    """(child image, source image) when the extent can go as one host copy
+    between two qcow2 images on host files, else None."""
+    source = below.node
+    if below.kind != "data" or not below.plain or source is None:
+        return None
+    image = qcow2_image_on_host(child)
+    source_image = qcow2_image_on_host(source)
+    if image is None or source_image is None or image is source_image \
+            or image.read_only or image.unusable or interposed(child) or interposed(source):
+        return None
+    table_span = image.cluster_size * image.l2_entries
+    if offset % image.cluster_size or count % image.cluster_size \
+            or offset // table_span != (offset + count - 1) // table_span:
+        return None       # the zero decision must cover the whole range
+    return image, source_image
 
 
 class CopyOnReadNode(BlockNode):
@@ -94,11 +113,20 @@ class CopyOnReadNode(BlockNode):
         below.copy = self.bottom is None or below.kind != UNALLOCATED
         return below
 
-    async def copy_extent(self, offset: int, below: "_Below") -> None:
-        """Copy the extent ``extent_below`` found (populate's work for it)."""
-        await self._copy_extent(self.children["file"], offset, below)
+    async def copy_extent(self, offset: int, below: "_Below", granule: int = 0) -> None:
+        """Copy the extent ``extent_below`` found (populate's work for it). With a
+        ``granule``, the extent stands for several copies of that size QEMU would
+        make one after the other (each deciding zero or data on its own)."""
+        await self._copy_extent(self.children["file"], offset, below, granule)
 
-    async def _copy_extent(self, child: BlockNode, offset: int, below: "_Below") -> None:
+    def copies_in_one_task(self, offset: int, below: "_Below") -> bool:
+        """Whether ``copy_extent`` makes this extent without reading it into the
+        event loop: known zeroes, or data clusters copied by one pool task."""
+        return below.zeroes or _host_copy_images(self.children["file"], offset, below.count,
+                                                 below) is not None
+
+    async def _copy_extent(self, child: BlockNode, offset: int, below: "_Below",
+                           granule: int = 0) -> None:
         """Copy one extent the child lacks, the cheapest way that writes what
         QEMU's copy-on-read writes."""
         count = below.count
@@ -107,8 +135,20 @@ class CopyOnReadNode(BlockNode):
             # unallocated qcow2 clusters): what the read would return is
             # known, so the zero write goes out without it.
             await child.co_pwrite_zeroes(offset, count)
-        elif not await self._copy_host_data(child, offset, count, below):
-            await self._copy_into_child(child, offset, await child.co_pread(offset, count))
+            return
+        try:
+            if await self._copy_host_data(child, offset, count, below, granule):
+                return
+        except MixedZeroes:
+            # Some granules read as zeroes and some not: one copy each.
+            for at in range(offset, offset + count, granule):
+                piece = _Below(below.kind, min(granule, offset + count - at), below.node,
+                               below.zeroes, below.plain, below.copy)
+                await self._copy_extent(child, at, piece)
+            return
+        for at in range(offset, offset + count, granule or count):
+            size = min(granule or count, offset + count - at)
+            await self._copy_into_child(child, at, await child.co_pread(at, size))
 
     async def _read(self, offset: int, length: int, *, want_data: bool) -> bytes:
         child = self.children["file"]
@@ -159,31 +199,24 @@ class CopyOnReadNode(BlockNode):
 
     @staticmethod
     async def _copy_host_data(child: BlockNode, offset: int, count: int,
-                              below: "_Below") -> bool:
+                              below: "_Below", granule: int = 0) -> bool:
         """Data clusters of a qcow2 layer copied into a qcow2 child in one
         thread-pool task (read, zero check, write; the child's write path
         allocates and links the clusters as for the same bytes, or makes zero
         clusters when they read as zeroes). False when this range does not
-        qualify: nothing was done then."""
-        source = below.node
-        if below.kind != "data" or not below.plain or source is None:
+        qualify: nothing was done then. MixedZeroes when granules differ."""
+        images = _host_copy_images(child, offset, count, below)
+        if images is None:
             return False
-        image = qcow2_image_on_host(child)
-        source_image = qcow2_image_on_host(source)
-        if image is None or source_image is None or image is source_image \
-                or image.read_only or image.unusable or interposed(child) or interposed(source):
-            return False
-        table_span = image.cluster_size * image.l2_entries
-        if offset % image.cluster_size or count % image.cluster_size \
-                or offset // table_span != (offset + count - 1) // table_span:
-            return False       # the zero decision must cover the whole range
+        source_image = images[1]
         runs = await host_runs(source_image, offset, count)
         if runs is None:
             return False
-        fd, base = source.children["file"].host_file()   # type: ignore[misc]
+        source = below.node
+        fd, base = source.children["file"].host_file()   # type: ignore[misc,union-attr]
         try:
             await child.co_pwrite(offset, CheckedCopy(  # type: ignore[arg-type]
-                [(fd, base + at, length) for at, length in runs]))
+                [(fd, base + at, length) for at, length in runs], granule))
         finally:
             source_image.unpin_host_runs()
         return True

@@ -65,7 +65,7 @@ from qmpjobd.block.formats.qcow2.refcount import (
     refcount_metadata_clusters,
     set_refcount,
 )
-from qmpjobd.block.formats.qcow2.storage import CheckedCopy, HostCopy, Storage
+from qmpjobd.block.formats.qcow2.storage import CheckedCopy, HostCopy, MixedZeroes, Storage
 
 _U64 = struct.Struct(">Q")
 
@@ -1139,6 +1139,9 @@ class Qcow2Image:
             # clusters back, so a retry reuses them and nothing leaks.
             await self._unallocate(host, count)
             raise
+        if isinstance(payload, CheckedCopy) and payload.mixed:
+            await self._unallocate(host, count)
+            raise MixedZeroes()
         if isinstance(payload, CheckedCopy) and payload.zero:
             # Copy-on-read data that reads as zeroes: a zero write instead, as
             # QEMU's copy-on-read makes it; the clusters go back unused.

@@ -214,6 +214,11 @@ def is_zero(data: "bytes | bytearray | memoryview") -> bool:
                for start in range(0, len(view), step))
 
 
+class MixedZeroes(Exception):
+    """A CheckedCopy with granules found some of them zero and some not: nothing
+    was written, the caller copies it granule by granule."""
+
+
 class CheckedCopy(HostCopy):
     """A HostCopy written only if its bytes are not all zeroes (copy-on-read's
     rule, decided on the whole payload as QEMU decides on its bounce buffer).
@@ -221,9 +226,14 @@ class CheckedCopy(HostCopy):
     afterwards that nothing was written. A part of it (a slice shorter than the
     whole) is an ordinary HostCopy: the decision is never made on a piece."""
 
-    def __init__(self, pieces: list[tuple[int, int, int]]) -> None:
+    def __init__(self, pieces: list[tuple[int, int, int]], granule: int = 0) -> None:
         super().__init__(pieces)
         self.zero = False
+        # With a granule, the decision is made per granule (each one a copy QEMU
+        # would make on its own): all zero, none zero, or ``mixed``, in which case
+        # nothing is written and the caller copies granule by granule.
+        self.granule = granule
+        self.mixed = False
 
     def __getitem__(self, span: slice) -> HostCopy:
         start, stop, _ = span.indices(self.length)
@@ -236,8 +246,16 @@ class CheckedCopy(HostCopy):
         from qmpjobd.block.node import io_error, write_fully
 
         data = self._read_checked()
-        if is_zero(data):
-            self.zero = True
+        if self.granule and len(data) > self.granule:
+            zeroes = [is_zero(data[at:at + self.granule])
+                      for at in range(0, len(data), self.granule)]
+            if any(zeroes) and not all(zeroes):
+                self.mixed = True
+                return
+            self.zero = zeroes[0]
+        else:
+            self.zero = is_zero(data)
+        if self.zero:
             return
         try:
             write_fully(dst_fd, dst_offset, data)
