@@ -212,12 +212,17 @@ _BUFFERS = threading.local()
 BOUNCE_BYTES = 1 << 20
 
 
-def bounce_buffer() -> memoryview:
-    """This thread's copy buffer (made on first use, then reused: new buffers
-    would cost page faults on every request)."""
+# The largest buffer a pool thread keeps (a stream's batched step).
+MAX_BOUNCE_BYTES = 4 << 20
+
+
+def bounce_buffer(size: int = BOUNCE_BYTES) -> memoryview:
+    """This thread's copy buffer, at least ``size`` bytes (at most
+    MAX_BOUNCE_BYTES; made on first use, then reused: new buffers would cost
+    page faults on every request)."""
     buffer = getattr(_BUFFERS, "buffer", None)
-    if buffer is None:
-        buffer = _BUFFERS.buffer = memoryview(bytearray(BOUNCE_BYTES))
+    if buffer is None or len(buffer) < size:
+        buffer = _BUFFERS.buffer = memoryview(bytearray(max(size, BOUNCE_BYTES)))
     return buffer
 
 

@@ -264,12 +264,12 @@ class CheckedCopy(HostCopy):
 
     def _read_checked(self) -> memoryview:
         """All pieces, in the pool thread's copy buffer when they fit (a copy-on-read
-        step is at most 512 KiB), else in a new one; past a piece's file end, zeroes.
+        step is at most 4 MiB), else in a new one; past a piece's file end, zeroes.
         Read errors come marked as reads."""
-        from qmpjobd.block.offload import BOUNCE_BYTES, bounce_buffer, read_into
+        from qmpjobd.block.offload import MAX_BOUNCE_BYTES, bounce_buffer, read_into
 
-        if self.length <= BOUNCE_BYTES:
-            buffer = bounce_buffer()
+        if self.length <= MAX_BOUNCE_BYTES:
+            buffer = bounce_buffer(self.length)
         else:
             buffer = memoryview(bytearray(self.length))
         pos = 0
