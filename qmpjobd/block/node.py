@@ -433,6 +433,21 @@ class BlockNode:
             await self.co_pwrite(offset, bytes(count))
             offset += count
 
+    async def zeroes_to_child(self, offset: int, length: int, *, no_fallback: bool,
+                              may_unmap: bool, before: Any = None) -> None:
+        """A filter's zero write: the checks every write passes, ``before(offset,
+        length)`` if given, then the request as it came (flags too) to the child."""
+        self._check_write_request(offset, length)
+        if not length:
+            return
+        if self.before_write_notifiers:
+            await self.notify_before_write(offset, length)
+        with self._request():
+            if before is not None:
+                await before(offset, length)
+            await self.file_child.co_pwrite_zeroes(  # type: ignore[union-attr]
+                offset, length, no_fallback=no_fallback, may_unmap=may_unmap)
+
     @property
     def discard_unmap(self) -> bool:
         """Opened with discard=unmap (QEMU's BDRV_O_UNMAP): discards reach the driver.

@@ -565,16 +565,10 @@ class CopyBeforeWriteNode(BlockNode):
         await self.children["file"].co_pwrite(offset, data)
 
     async def co_pwrite_zeroes(self, offset: int, length: int, *, no_fallback: bool = False,
-                               **_flags: Any) -> None:
-        self._check_write_request(offset, length)
-        if not length:
-            return
-        if self.before_write_notifiers:
-            await self.notify_before_write(offset, length)
-        with self._request():
-            await self.state.copy_before_write(offset, length)
-            await self.children["file"].co_pwrite_zeroes(offset, length,
-                                                         no_fallback=no_fallback)
+                               may_unmap: bool = False) -> None:
+        # The old data is saved first, then the request goes on as it came.
+        await self.zeroes_to_child(offset, length, no_fallback=no_fallback, may_unmap=may_unmap,
+                                   before=self.state.copy_before_write)
 
     async def _pdiscard(self, offset: int, length: int) -> None:
         await self.state.copy_before_write(offset, length)

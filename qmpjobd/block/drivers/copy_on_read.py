@@ -235,14 +235,7 @@ class CopyOnReadNode(BlockNode):
                                may_unmap: bool = False) -> None:
         # cor_co_pwrite_zeroes: the request goes to the child as it came, so a
         # commit through this filter still makes zero clusters in a qcow2 base.
-        self._check_write_request(offset, length)
-        if not length:
-            return
-        if self.before_write_notifiers:
-            await self.notify_before_write(offset, length)
-        with self._request():
-            await self.children["file"].co_pwrite_zeroes(offset, length, no_fallback=no_fallback,
-                                                         may_unmap=may_unmap)
+        await self.zeroes_to_child(offset, length, no_fallback=no_fallback, may_unmap=may_unmap)
 
     # --- names and queries ----------------------------------------------------------------
 
