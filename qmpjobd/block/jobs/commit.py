@@ -63,6 +63,12 @@ COMMIT_BUFFER_SIZE = 512 * 1024
 COMMIT_WRITES_ZEROES = Behaviour("inactive commit writes zero extents as zero writes",
                                  since="10.0")
 
+# "block/mirror: Reopen the base image in RO mode when aborting blockcommit"
+# (2024, QEMU 9.1): an aborted active commit (cancelled, failed) makes a base it
+# switched to read-write read-only again. 7.2 leaves it read-write (observed:
+# job-cancel before READY and in READY); 10.0 and 11.1 restore it.
+ACTIVE_COMMIT_ABORT_RESTORES_READ_ONLY = Behaviour(
+    "an aborted active commit makes a read-only base read-only again", since="9.1")
 
 # commit_start's holds (name, perm, shared), as x-debug-query-block-graph shows
 # them: nothing taken; the nodes that leave the chain share writes only (no
@@ -366,7 +372,8 @@ class ActiveCommitJob(MirrorJob):
                  auto_finalize: bool = True, auto_dismiss: bool = True,
                  reopen: "Callable[[BlockNode, bool], None] | None" = None) -> None:
         """commit_active_start: a read-only base is reopened read-write first and
-        made read-only again only if the job does not complete (abort)."""
+        made read-only again if the job fails to start, or (QEMU 9.1 on) is
+        aborted."""
         self.reopen = reopen
         self.base_read_only = base.read_only
         if base.read_only:
@@ -400,7 +407,10 @@ class ActiveCommitJob(MirrorJob):
 
     def abort(self) -> None:
         super().abort()
-        self._restore_base(self.target)
+        # mirror_exit_common: before QEMU 9.1 nothing made the base read-only
+        # again once the job existed (only a failed start did).
+        if self.graph.personality.has(ACTIVE_COMMIT_ABORT_RESTORES_READ_ONLY):
+            self._restore_base(self.target)
 
     def _restore_base(self, base: "BlockNode") -> None:
         if self.base_read_only and self.reopen is not None:
