@@ -43,7 +43,7 @@ from qmpjobd.block.formats.qcow2.backing import (
     is_qcow2,
     status_in_layers,
 )
-from qmpjobd.block.graph import freeze_chain, unfreeze_links
+from qmpjobd.block.graph import freeze_chain, newest_first, unfreeze_links
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.block.jobs.mirror import MirrorJob
 from qmpjobd.block.formats.qcow2.backing import find_overlay
@@ -228,7 +228,9 @@ class CommitJob(BlockJob):
         assert self.filter is not None
         self._unfreeze()
         self._drop_backend(self.base)                         # blk_unref(s->base)
-        overlays = [p for p in self.filter.parent_nodes if p.backing_node() is self.filter]
+        # bdrv_drop_intermediate: the filter's parents, newest first.
+        parents = newest_first(self.filter.parent_nodes)
+        overlays = [p for p in parents if p.backing_node() is self.filter]
         name = self.backing_file or self.base.filename()
         fmt = backing_format_name(self.base, self.backing_mask_protocol)
         written: list[tuple[BlockNode, str | None, str | None]] = []
@@ -249,7 +251,7 @@ class CommitJob(BlockJob):
                 return -errno.EPERM
             written.append((overlay, *old))
         with self.graph.graph_change("replace-node"):
-            for parent in list(self.filter.parent_nodes):
+            for parent in parents:
                 self.graph.relink_child(parent, self.filter, self.base)
             # bdrv_replace_node(top, base): exports of top follow too.
             self.graph.move_exports(self.filter, self.base)
