@@ -402,10 +402,18 @@ class ActiveCommitJob(MirrorJob):
         # The intermediate nodes disappear from the chain with the pivot: blocked,
         # with the holds of an inactive commit's.
         below = top.filter_or_cow_child()
-        if below is not None:
+        if below is None:
+            return
+        try:
             for node, edge in intermediate_edges(below, base, find_overlay(top, base)):
                 with graph.graph_change("job-add-node"):
                     self.attach_node(node, block=True, edge=edge)
+        except QMPError:
+            # A user of an intermediate node that reads it consistently (an
+            # export): mirror_start_job's failure path, as for the target.
+            self._exit_common(abort=True)
+            self.early_fail()
+            raise
 
     def abort(self) -> None:
         super().abort()
