@@ -462,7 +462,7 @@ class BlockGraph:
         with self.graph_change(change):
             node.open()
             self.nodes[name] = node
-            for parent in [p for p in child.parent_nodes if p is not node]:
+            for parent in newest_first([p for p in child.parent_nodes if p is not node]):
                 self.relink_child(parent, child, node)
             _move_backends(child, node)
         return node
@@ -478,19 +478,21 @@ class BlockGraph:
 
     def relink_child(self, parent: BlockNode, old: BlockNode, new: BlockNode) -> None:
         """``parent``'s links to ``old`` now go to ``new``, in place (QEMU's
-        bdrv_replace_child); a backing blocker ``parent`` put on ``old`` moves too."""
+        bdrv_replace_child); a backing blocker ``parent`` put on ``old`` moves too.
+        On ``new`` it is the newest (QEMU detaches the child and attaches it again,
+        and the attach puts its blocker at the head): "is busy" names ``parent``."""
         _repoint(parent, old, new)
         moved = [b for b in old.blockers if b.owner is parent]
         if moved:
             old.remove_blockers(parent)
-            new.blockers.extend(moved)
+            new.blockers[:0] = moved
 
     def remove_filter_from_chain(self, node: BlockNode) -> None:
         """The parents of filter ``node`` (exports too) go back to its child; the
         filter keeps its own child link and stays listed (a job holding it frees
         it later)."""
         child = node.backing_node() or node.file_child
-        for parent in list(node.parent_nodes):
+        for parent in newest_first(node.parent_nodes):
             self.relink_child(parent, node, child)
         if child is not None:
             _move_backends(node, child)
@@ -710,6 +712,14 @@ def reaches(top: BlockNode, wanted: BlockNode) -> bool:
             seen.add(id(node))
             stack.extend(node.children.values())
     return False
+
+
+def newest_first(parents: list[BlockNode]) -> list[BlockNode]:
+    """A node's parents in the order QEMU's bdrv_replace_node moves them: its
+    list of parents, newest first (``parent_nodes`` is oldest first). Each moved
+    parent goes to the head of the new node's list, so the order turns round,
+    and so does the order of the backing blockers the parents put on it."""
+    return parents[::-1]
 
 
 def _repoint(parent: BlockNode, old: BlockNode, new: BlockNode) -> None:

@@ -253,17 +253,26 @@ QEMU_JOB_EDGE_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
+def job_edge_kind(job: Any) -> str:
+    """The key of :data:`JOB_EDGES` for ``job``: its ``edge_kind`` where its edges
+    are another job type's (an active commit's are a mirror's), else its type."""
+    return getattr(job, "edge_kind", None) or getattr(job, "job_type", "")
+
+
 def job_edge_rank(edge: "UserEdge") -> tuple[int, int]:
     """Sort key of a job's edges in QEMU's attach order."""
-    order = QEMU_JOB_EDGE_ORDER.get(getattr(edge.owner, "job_type", ""), ())
+    order = QEMU_JOB_EDGE_ORDER.get(job_edge_kind(edge.owner), ())
     return (order.index(edge.name) if edge.name in order else len(order), edge.seq)
 
-# BlockBackends the daemon creates for its own users: (perm, shared).
+# BlockBackends the daemon creates for its own users: (perm, shared). An owner
+# with a ``backend_perms(node)`` method (a mirror's or an active commit's
+# target BlockBackend) says itself instead.
 BACKEND_PERMS: dict[str, tuple[int, int]] = {
     # blk_exp_add: read (and write when writable); resizing is not shared.
     "export": (CONSISTENT_READ, CONSISTENT_READ | WRITE | WRITE_UNCHANGED),
     "writable-export": (CONSISTENT_READ | WRITE, CONSISTENT_READ | WRITE | WRITE_UNCHANGED),
-    # mirror_start_job's target BlockBackend.
+    # mirror_start_job's target BlockBackend (MirrorJob.backend_perms; an
+    # active commit's shares more).
     "mirror-target": (WRITE, WRITE_UNCHANGED),
     # stream_start's BlockBackend on its copy-on-read filter (it reads through it).
     "stream-filter": (CONSISTENT_READ, CONSISTENT_READ | WRITE | WRITE_UNCHANGED),
@@ -340,7 +349,7 @@ def _has_users(node: "BlockNode") -> bool:
 # --- attaching users ---------------------------------------------------------------------
 
 def job_edge_spec(job: Any, position: int) -> tuple[str, int, int]:
-    specs = JOB_EDGES.get(getattr(job, "job_type", ""), ())
+    specs = JOB_EDGES.get(job_edge_kind(job), ())
     if position < len(specs):
         return specs[position]
     if specs:
@@ -381,6 +390,14 @@ def attach_backend(graph: "BlockGraph", node: "BlockNode", owner: Any, kind: str
     return attach_user(graph, node, owner, "block-backend", "root", perm, shared)
 
 
+def detach_edge(graph: "BlockGraph", edge: UserEdge) -> None:
+    """Drop one user edge (a job's BlockBackend that goes before the job)."""
+    registry = registry_of(graph)
+    if edge in registry.users:
+        registry.users.remove(edge)
+        refresh(graph, may_fail=False)
+
+
 def detach_owner(graph: "BlockGraph", owner: Any) -> None:
     """Drop every edge of ``owner`` (a job that ends, an export that goes)."""
     registry = registry_of(graph)
@@ -399,6 +416,13 @@ def _backend_kind(owner: Any) -> str:
     return "writable-export" if getattr(owner, "writable", False) else "export"
 
 
+def _backend_perms(owner: Any, node: "BlockNode") -> tuple[int, int]:
+    """(perm, shared) of ``owner``'s BlockBackend on ``node``."""
+    own = getattr(owner, "backend_perms", None)
+    perms = own(node) if own is not None else None
+    return perms if perms is not None else BACKEND_PERMS[_backend_kind(owner)]
+
+
 def _derived_backends(graph: "BlockGraph", nodes: Iterable["BlockNode"]) -> list[UserEdge]:
     """BlockBackends that their owners recorded only on ``node.backend_users``
     (exports, a mirror's target): edges made up for them, in first-seen order."""
@@ -415,8 +439,10 @@ def _derived_backends(graph: "BlockGraph", nodes: Iterable["BlockNode"]) -> list
             if key in registered:
                 continue
             edge = registry.derived.get(key)
-            if edge is None or edge.owner is not owner:
-                perm, shared = BACKEND_PERMS[_backend_kind(owner)]
+            perm, shared = _backend_perms(owner, node)
+            if edge is not None and edge.owner is owner:
+                edge.perm, edge.shared = perm, shared
+            else:
                 before = by_owner.get(id(owner))
                 seq = before.seq if before is not None and before.owner is owner \
                     else next(registry.counter)

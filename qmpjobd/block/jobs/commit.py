@@ -4,8 +4,11 @@
 
 * Creation: the job is created on ``device``; a ``commit_top`` filter goes above
   ``top`` and takes over its parents (the overlay's backing child now points to
-  it); ``top`` and every node down to the base, and the base, are attached and
-  blocked. A bad ``speed`` fails when the job exists (``created``, ``null``), a
+  it); ``top`` and every node down to the base ("intermediate node"), and the
+  base ("base"), are attached and blocked. The intermediate nodes share writes
+  but not consistent reads (other processes cannot read them: image locks),
+  and the job's BlockBackends take write on the base and nothing on ``top``.
+  A bad ``speed`` fails when the job exists (``created``, ``null``), a
   ``filter-node-name`` already in use as well.
 * Run: 512 KiB steps; what a layer from ``top`` down to the node above the base
   holds is read from ``top`` and written into the base; from QEMU 10.0 on extents
@@ -31,6 +34,7 @@ import errno
 import os
 from typing import TYPE_CHECKING, Callable
 
+from qmpjobd.block import permissions
 from qmpjobd.block.drivers.commit_top import CommitTopNode
 from qmpjobd.block.formats.qcow2.backing import (
     UNALLOCATED,
@@ -39,7 +43,7 @@ from qmpjobd.block.formats.qcow2.backing import (
     is_qcow2,
     status_in_layers,
 )
-from qmpjobd.block.graph import freeze_chain, unfreeze_links
+from qmpjobd.block.graph import freeze_chain, newest_first, unfreeze_links
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.block.jobs.mirror import MirrorJob
 from qmpjobd.block.formats.qcow2.backing import find_overlay
@@ -58,6 +62,39 @@ COMMIT_BUFFER_SIZE = 512 * 1024
 # extents above the base are written into it as zero writes, not as data.
 COMMIT_WRITES_ZEROES = Behaviour("inactive commit writes zero extents as zero writes",
                                  since="10.0")
+
+# "block/mirror: Reopen the base image in RO mode when aborting blockcommit"
+# (2024, QEMU 9.1): an aborted active commit (cancelled, failed) makes a base it
+# switched to read-write read-only again. 7.2 leaves it read-write (observed:
+# job-cancel before READY and in READY); 10.0 and 11.1 restore it.
+ACTIVE_COMMIT_ABORT_RESTORES_READ_ONLY = Behaviour(
+    "an aborted active commit makes a read-only base read-only again", since="9.1")
+
+# commit_start's holds (name, perm, shared), as x-debug-query-block-graph shows
+# them: nothing taken; the nodes that leave the chain share writes only (no
+# consistent read: other readers of the chain would see half-committed data),
+# those that are filters above the base share reads as well.
+# (The main node's, block_job_create's ("main node", 0, ALL), is the default.)
+BASE_EDGE = ("base", 0, permissions.ALL)
+INTERMEDIATE_SHARED = permissions.WRITE_UNCHANGED | permissions.WRITE
+# The job's BlockBackend on the base writes into it (and resizes a shorter one).
+COMMIT_BASE_PERM = permissions.CONSISTENT_READ | permissions.WRITE
+COMMIT_BASE_SHARED = permissions.CONSISTENT_READ | permissions.WRITE_UNCHANGED
+
+
+def intermediate_edges(top: "BlockNode", base: "BlockNode",
+                       base_overlay: "BlockNode | None") -> list[tuple["BlockNode", tuple]]:
+    """The "intermediate node" holds of a commit on the nodes from ``top`` down to,
+    not including, ``base``: from the base's overlay's direct backing on (filters
+    above the base) consistent reads are shared too."""
+    filtered_base = base_overlay.backing_node() if base_overlay is not None else None
+    shared = INTERMEDIATE_SHARED
+    edges = []
+    for node in chain_nodes(top, base):
+        if node is filtered_base:
+            shared |= permissions.CONSISTENT_READ
+        edges.append((node, ("intermediate node", 0, shared)))
+    return edges
 
 
 class CommitJob(BlockJob):
@@ -86,8 +123,10 @@ class CommitJob(BlockJob):
         self.source = top          # test-control faults: reads of top, writes to base
         self.target = base
         self.filter: CommitTopNode | None = None
-        self._backends: list[BlockNode] = []
+        self._backends: list[tuple[BlockNode, permissions.UserEdge]] = []
         self.frozen_links: list = []
+        # commit_start: the base's BlockBackend resizes it when it is shorter.
+        base_resize = permissions.RESIZE if base.size < top.size else 0
         super().__init__(manager, job_id, device, block_main=True, speed=speed,
                          auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         try:
@@ -103,18 +142,18 @@ class CommitJob(BlockJob):
             self.filter.implicit = filter_node_name is None
             self.frozen_links = freeze_chain(self.filter, base)
             self.base_overlay = find_overlay(top, base)
-            for node in chain_nodes(top, base):
+            for node, edge in intermediate_edges(top, base, self.base_overlay):
                 with graph.graph_change("job-add-node"):
-                    self.attach_node(node, block=True)
+                    self.attach_node(node, block=True, edge=edge)
             with graph.graph_change("job-add-node"):
-                self.attach_node(base, block=True)
+                self.attach_node(base, block=True, edge=BASE_EDGE)
             # The job's BlockBackends on base and top (blockdev-del: "in use").
             # qemu-storage-daemon 10.0 and 11.1 show one graph-lock section for
             # the two to other jobs (counted, not read in the source).
             graph.graph_changes("backend-insert")
-            base.backend_users.append(self)
-            top.backend_users.append(self)
-            self._backends = [base, top]
+            self._insert_backend(base, COMMIT_BASE_PERM | base_resize, COMMIT_BASE_SHARED)
+            # The top's: its permissions are the job's intermediate-node edge.
+            self._insert_backend(top, 0, permissions.ALL)
         except QMPError:
             self._unfreeze()
             self.early_fail()
@@ -188,7 +227,9 @@ class CommitJob(BlockJob):
         assert self.filter is not None
         self._unfreeze()
         self._drop_backend(self.base)                         # blk_unref(s->base)
-        overlays = [p for p in self.filter.parent_nodes if p.backing_node() is self.filter]
+        # bdrv_drop_intermediate: the filter's parents, newest first.
+        parents = newest_first(self.filter.parent_nodes)
+        overlays = [p for p in parents if p.backing_node() is self.filter]
         name = self.backing_file or self.base.filename()
         fmt = backing_format_name(self.base, self.backing_mask_protocol)
         written: list[tuple[BlockNode, str | None, str | None]] = []
@@ -209,7 +250,7 @@ class CommitJob(BlockJob):
                 return -errno.EPERM
             written.append((overlay, *old))
         with self.graph.graph_change("replace-node"):
-            for parent in list(self.filter.parent_nodes):
+            for parent in parents:
                 self.graph.relink_child(parent, self.filter, self.base)
             # bdrv_replace_node(top, base): exports of top follow too.
             self.graph.move_exports(self.filter, self.base)
@@ -242,15 +283,27 @@ class CommitJob(BlockJob):
 
     def on_free(self) -> None:
         for node in (self.base, self.top):
-            if self in node.backend_users:
-                node.backend_users.remove(self)
+            self._drop_backend(node)
         super().on_free()
+
+    def _insert_backend(self, node: "BlockNode", perm: int, shared: int) -> None:
+        """blk_new + blk_insert_bs: a BlockBackend of the job on ``node`` (a
+        permission conflict fails the job's creation with QEMU's error)."""
+        edge = permissions.attach_user(self.graph, node, self, "block-backend", "root",
+                                       perm, shared)
+        node.backend_users.append(self)
+        self._backends.append((node, edge))
 
     def _drop_backend(self, node: "BlockNode") -> None:
         """blk_unref of the job's BlockBackend on ``node`` (once)."""
-        if node in self._backends:
-            self._backends.remove(node)
-            self.graph.graph_changes("backend-remove")
+        for held in self._backends:
+            if held[0] is node:
+                self._backends.remove(held)
+                self.graph.graph_changes("backend-remove")
+                if self in node.backend_users:
+                    node.backend_users.remove(self)
+                permissions.detach_edge(self.graph, held[1])
+                break
         if self in node.backend_users:
             node.backend_users.remove(self)
 
@@ -311,6 +364,8 @@ class ActiveCommitJob(MirrorJob):
     """Active ``block-commit``: a mirror of the active layer into its base."""
 
     job_type = "commit"
+    # mirror_start_job's edges: "main node", "source", "target" as a mirror's.
+    edge_kind = "mirror"
 
     def __init__(self, manager: "JobManager", graph: "BlockGraph", job_id: str | None,
                  top: "BlockNode", base: "BlockNode", *, speed: int = 0,
@@ -318,7 +373,8 @@ class ActiveCommitJob(MirrorJob):
                  auto_finalize: bool = True, auto_dismiss: bool = True,
                  reopen: "Callable[[BlockNode, bool], None] | None" = None) -> None:
         """commit_active_start: a read-only base is reopened read-write first and
-        made read-only again only if the job does not complete (abort)."""
+        made read-only again if the job fails to start, or (QEMU 9.1 on) is
+        aborted."""
         self.reopen = reopen
         self.base_read_only = base.read_only
         if base.read_only:
@@ -342,15 +398,28 @@ class ActiveCommitJob(MirrorJob):
                          auto_finalize=auto_finalize, auto_dismiss=auto_dismiss,
                          filter_node_name=filter_node_name, zero_target=False,
                          copy_base=base)
-        # The intermediate nodes disappear from the chain with the pivot: blocked.
-        for node in chain_nodes(top.filter_or_cow_child(), base) \
-                if top.filter_or_cow_child() is not None else []:
-            with graph.graph_change("job-add-node"):
-                self.attach_node(node, block=True)
+        # The intermediate nodes disappear from the chain with the pivot: blocked,
+        # with the holds of an inactive commit's.
+        below = top.filter_or_cow_child()
+        if below is None:
+            return
+        try:
+            for node, edge in intermediate_edges(below, base, find_overlay(top, base)):
+                with graph.graph_change("job-add-node"):
+                    self.attach_node(node, block=True, edge=edge)
+        except QMPError:
+            # A user of an intermediate node that reads it consistently (an
+            # export): mirror_start_job's failure path, as for the target.
+            self._exit_common(abort=True)
+            self.early_fail()
+            raise
 
     def abort(self) -> None:
         super().abort()
-        self._restore_base(self.target)
+        # mirror_exit_common: before QEMU 9.1 nothing made the base read-only
+        # again once the job existed (only a failed start did).
+        if self.graph.personality.has(ACTIVE_COMMIT_ABORT_RESTORES_READ_ONLY):
+            self._restore_base(self.target)
 
     def _restore_base(self, base: "BlockNode") -> None:
         if self.base_read_only and self.reopen is not None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Iterable
 
+from qmpjobd.block import permissions
 from qmpjobd.block.bitmap import ClusterBitmap
 from qmpjobd.block.drivers.mirror_top import MirrorTopNode
 from qmpjobd.block.formats.qcow2.backing import (
@@ -153,6 +154,13 @@ class _ObservedMirrorTop(MirrorTopNode):
                 self.job.source_written(offset, len(data))
 
 
+class _ObservedCommitTop(_ObservedMirrorTop):
+    """mirror_top of an active commit (QEMU's is_commit): it neither reads its
+    child consistently nor keeps others from writing it."""
+
+    is_commit = True
+
+
 def _lowest_copied_layer(source: "BlockNode", sync: str,
                          copy_base: "BlockNode | None") -> "BlockNode | None":
     """sync=top: the source's own layer; a commit base: the node just above it;
@@ -199,7 +207,7 @@ class MirrorJob(BlockJob):
                  "source_backing_chain", "copy_mode", "actively_synced",
                  "reports_actively_synced", "target_is_zero", "copy_above",
                  "target_was_zero",
-                 "_pivoted_source", "frozen_links")
+                 "_pivoted_source", "frozen_links", "target_perms")
 
     job_type = "mirror"
     can_complete = True
@@ -267,7 +275,17 @@ class MirrorJob(BlockJob):
         self.copy_above = _lowest_copied_layer(source, sync, copy_base)
         self._pivoted_source = False       # exports follow a pivot of the source
         self.frozen_links: list = []
-        self.filter = graph.insert_filter(_ObservedMirrorTop, filter_node_name, source)
+        # mirror_start_job: the target's BlockBackend writes; for an active commit
+        # (the target is in the source's chain) it resizes a shorter base, and
+        # it shares reads and writes (the base is in use below the source).
+        self.target_perms = permissions.BACKEND_PERMS["mirror-target"]
+        if copy_base is not None:
+            resize = permissions.RESIZE if target.size < source.size else 0
+            self.target_perms = (permissions.WRITE | resize,
+                                 permissions.WRITE_UNCHANGED | permissions.CONSISTENT_READ
+                                 | permissions.WRITE)
+        top_class = _ObservedCommitTop if copy_base is not None else _ObservedMirrorTop
+        self.filter = graph.insert_filter(top_class, filter_node_name, source)
         self.filter.job = self
         try:
             super().__init__(manager, job_id, self.filter, block_main=True, speed=speed,
@@ -296,6 +314,10 @@ class MirrorJob(BlockJob):
         self._bitmap_node().dirty_bitmaps.append(self._bitmap_info)
 
     # ------------------------------------------------------------------ hooks
+
+    def backend_perms(self, node: "BlockNode") -> tuple[int, int]:
+        """(perm, shared) of the job's target BlockBackend (s->target)."""
+        return self.target_perms
 
     def cancel_is_forced(self, force: bool) -> bool:
         # A soft cancel only exists for a READY (or STANDBY) mirror.
@@ -676,6 +698,11 @@ class MirrorJob(BlockJob):
         order (the filter's own follow in drop_filter; the job's edges are released
         in clean())."""
         self.graph.graph_changes("backend-remove")         # blk_unref(s->target)
+        # Its write permission goes first: before a pivot, and before an aborted
+        # active commit makes the base read-only again.
+        if self in self.target.backend_users:
+            self.target.backend_users.remove(self)
+            permissions.refresh(self.graph, may_fail=False)
         if self.source_backing_chain and not abort:
             self.graph.graph_changes("mirror-source-backing")
         if pivot:
