@@ -487,16 +487,10 @@ def _reopen_qcow2_image(node: Any, read_only: bool) -> None:
     from qmpjobd.block.formats.qcow2 import bitmaps as qcow2_bitmaps
 
     image = node.image
-    file = node.children["file"]
     if image is not None and not image.read_only:
         qcow2_bitmaps.before_read_only(node)
         Q.write_back(node, image, mark_clean=True)
-    fresh = Q.run_now(Q.Qcow2Image.open(Q.SyncStorage(file), read_only=read_only,
-                                        options=node._image_options(), repair=False))
-    fresh.storage = Q.NodeStorage(file)
-    fresh.corruption_listener = node._corruption_event
-    fresh.backing = node._read_backing if node.backing_node() is not None else None
-    node.image = fresh
+    node.image = node.read_image(read_only)
     if not read_only:
         qcow2_bitmaps.after_read_write(node)
         from qmpjobd.block.formats.qcow2.repair import repair_if_dirty

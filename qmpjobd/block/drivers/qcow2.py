@@ -192,13 +192,9 @@ class Qcow2Node(BlockNode):
             self.read_only = True
         self.image: Qcow2Image | None = None
         self.opened_backing_from_header = False
-        image = run_now(Qcow2Image.open(SyncStorage(file), read_only=self.read_only,
-                                        options=self._image_options(), repair=False))
+        image = self.read_image(self.read_only)
         check_runtime_options(image.header, self.options,
                               self.graph.personality.has(QEMU_OPT_SIZE_RANGE_REWORDED))
-        image.storage = NodeStorage(file)
-        image.passes_request_discards = self._passes_request_discards
-        image.corruption_listener = self._corruption_event
         self.image = image
         self.size = image.size
         qcow2_bitmaps.on_open(self)
@@ -209,6 +205,19 @@ class Qcow2Node(BlockNode):
         except BaseException:
             self.image = None      # a failed open writes nothing at close
             raise
+
+    def read_image(self, read_only: bool, options: Options | None = None) -> Qcow2Image:
+        """The image read from the file child (open, reopen, activation), with the
+        node's hooks in place: I/O through the file node, discards as the node
+        passes them, corruption events, reads of the backing child."""
+        file = self.children["file"]
+        image = run_now(Qcow2Image.open(SyncStorage(file), read_only=read_only,
+                                        options=options or self._image_options(), repair=False))
+        image.storage = NodeStorage(file)
+        image.passes_request_discards = self._passes_request_discards
+        image.corruption_listener = self._corruption_event
+        image.backing = self._read_backing if self.backing_node() is not None else None
+        return image
 
     def backing_linked(self) -> None:
         if self.image is not None:

@@ -52,25 +52,16 @@ def inactivate_image(node: Any) -> None:
 
 def activate_image(node: Any) -> None:
     """qcow2's invalidate-cache hook: open the image again from the file."""
-    from qmpjobd.block.drivers.qcow2 import SyncStorage, run_now
-    from qmpjobd.block.formats.qcow2.image import Qcow2Image
-    from qmpjobd.block.formats.qcow2.storage import NodeStorage
-
     old = node.image
     if old is None or old.unusable:
         return
-    file = node.children["file"]
     try:
-        image = run_now(Qcow2Image.open(SyncStorage(file), read_only=old.read_only,
-                                        options=old.options, repair=False))
+        image = node.read_image(old.read_only, old.options)
     except (QMPError, OSError) as exc:
         # QEMU drops the driver of a node it could not open again.
         old.unusable = True
         reason = exc.desc if isinstance(exc, QMPError) else exc.strerror
         raise QMPError(f"Could not reopen qcow2 layer: {reason}") from None
-    image.storage = NodeStorage(file)
-    image.corruption_listener = old.corruption_listener
-    image.backing = old.backing
     node.image = image
     node.size = image.size
     qcow2_bitmaps.on_open(node)
