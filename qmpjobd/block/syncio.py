@@ -4,9 +4,10 @@ QEMU opens, closes and reopens images inside the monitor command: the format
 driver's coroutine runs and the monitor polls until it is done, whatever nodes
 sit between the format and the host file (a ``blkdebug`` node, a ``raw`` window).
 qmpjobd does the same with :func:`run_now`: it sets a context flag while it steps
-the coroutine, and :func:`in_pool` (the one way a node hands blocking work to the
-thread pool) then runs that work inline, so the coroutine never has to wait and
-no other request runs in between. Outside ``run_now`` nothing changes.
+the coroutine, and :func:`in_pool` (how a node's own reads, writes, discards and
+flushes reach the thread pool) then runs that work inline, so the coroutine never
+has to wait and no other request runs in between. Outside ``run_now`` nothing
+changes. (Job-side copies, which never run inside an open, still use the pool.)
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Nodes with test-control request hooks always get the plain read and write.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qmpjobd.block.formats.qcow2.backing import (
@@ -142,13 +142,12 @@ class CopyOnReadNode(BlockNode):
         except MixedZeroes:
             # Some granules read as zeroes and some not: one copy each.
             for at in range(offset, offset + count, granule):
-                piece = _Below(below.kind, min(granule, offset + count - at), below.node,
-                               below.zeroes, below.plain, below.copy)
+                piece = replace(below, count=min(granule, offset + count - at))
                 await self._copy_extent(child, at, piece)
             return
-        for at in range(offset, offset + count, granule or count):
-            size = min(granule or count, offset + count - at)
-            await self._copy_into_child(child, at, await child.co_pread(at, size))
+        # Read into the loop: a caller that batches keeps such extents to one
+        # granule (block-stream), so the zero decision below is per granule.
+        await self._copy_into_child(child, offset, await child.co_pread(offset, count))
 
     async def _read(self, offset: int, length: int, *, want_data: bool) -> bytes:
         child = self.children["file"]

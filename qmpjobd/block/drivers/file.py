@@ -97,33 +97,42 @@ class FileNode(BlockNode):
         cache = self.options.get("cache")
         if isinstance(cache, dict) and cache.get("direct"):
             # file-posix opens with O_DIRECT: a file system without it refuses.
-            self._probe_direct()
+            try:
+                self._probe_direct()
+            except OSError as exc:
+                self.close()
+                raise QMPError(f"Could not open '{self.path}': {exc.strerror}") from None
 
     # --- cache.direct -------------------------------------------------------------------
 
     def _probe_direct(self) -> tuple[int, int]:
         """(request, memory) alignment of O_DIRECT I/O on this file, probed as
-        QEMU's raw_probe_alignment does. qmpjobd's own I/O stays buffered (with
-        the same flushes), so only the limits QEMU reports change."""
+        QEMU's raw_probe_alignment does (once). qmpjobd's own I/O stays buffered
+        (with the same flushes), so only the limits QEMU reports change."""
         if self._direct_alignments is None:
-            try:
-                self._direct_alignments = probe_direct_alignment(self.path)
-            except OSError as exc:
-                self.close()
-                raise QMPError(f"Could not open '{self.path}': {exc.strerror}") from None
+            self._direct_alignments = probe_direct_alignment(self.path)
         return self._direct_alignments
+
+    def _direct_alignment(self, which: int) -> int:
+        """One of the probed alignments for the limits; a cache.direct inherited
+        from a parent is only known after the open, so a file system without
+        O_DIRECT gets the page size there instead of an error."""
+        try:
+            return self._probe_direct()[which]
+        except OSError:
+            return 4096
 
     def _direct(self) -> bool:
         from qmpjobd.block.query import cache_flag
         return cache_flag(self, "direct")
 
     def request_alignment(self) -> int:
-        return self._probe_direct()[0] if self._direct() else 1
+        return self._direct_alignment(0) if self._direct() else 1
 
     def block_limits(self) -> dict:
         limits = super().block_limits()
         if self._direct():
-            limits["min-mem-alignment"] = self._probe_direct()[1]
+            limits["min-mem-alignment"] = self._direct_alignment(1)
         return limits
 
     def close(self) -> None:

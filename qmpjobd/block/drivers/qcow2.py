@@ -198,7 +198,6 @@ class Qcow2Node(BlockNode):
         self.image = image
         self.size = image.size
         qcow2_bitmaps.on_open(self)
-        image.backing = None
         try:
             # After the bitmaps are loaded, as in qcow2_do_open.
             repair_if_dirty(self)

@@ -300,8 +300,6 @@ class CommitJob(BlockJob):
             if held[0] is node:
                 self._backends.remove(held)
                 self.graph.graph_changes("backend-remove")
-                if self in node.backend_users:
-                    node.backend_users.remove(self)
                 permissions.detach_edge(self.graph, held[1])
                 break
         if self in node.backend_users:
