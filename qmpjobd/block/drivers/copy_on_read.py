@@ -23,7 +23,7 @@ Nodes with test-control request hooks always get the plain read and write.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from qmpjobd.block.formats.qcow2.backing import (
     UNALLOCATED,
@@ -113,11 +113,14 @@ class CopyOnReadNode(BlockNode):
         below.copy = self.bottom is None or below.kind != UNALLOCATED
         return below
 
-    async def copy_extent(self, offset: int, below: "_Below", granule: int = 0) -> None:
+    async def copy_extent(self, offset: int, below: "_Below", granule: int = 0,
+                          on_kept: "Callable[[], None] | None" = None) -> None:
         """Copy the extent ``extent_below`` found (populate's work for it). With a
         ``granule``, the extent stands for several copies of that size QEMU would
-        make one after the other (each deciding zero or data on its own)."""
-        await self._copy_extent(self.children["file"], offset, below, granule)
+        make one after the other (each deciding zero or data on its own).
+        ``on_kept`` is called from a pool thread when one pool task copies the
+        extent as data (CheckedCopy.on_kept)."""
+        await self._copy_extent(self.children["file"], offset, below, granule, on_kept)
 
     def copies_in_one_task(self, offset: int, below: "_Below") -> bool:
         """Whether ``copy_extent`` makes this extent without reading it into the
@@ -126,7 +129,8 @@ class CopyOnReadNode(BlockNode):
                                                  below) is not None
 
     async def _copy_extent(self, child: BlockNode, offset: int, below: "_Below",
-                           granule: int = 0) -> None:
+                           granule: int = 0,
+                           on_kept: "Callable[[], None] | None" = None) -> None:
         """Copy one extent the child lacks, the cheapest way that writes what
         QEMU's copy-on-read writes."""
         count = below.count
@@ -137,7 +141,7 @@ class CopyOnReadNode(BlockNode):
             await child.co_pwrite_zeroes(offset, count)
             return
         try:
-            if await self._copy_host_data(child, offset, count, below, granule):
+            if await self._copy_host_data(child, offset, count, below, granule, on_kept):
                 return
         except MixedZeroes:
             # Some granules read as zeroes and some not: one copy each.
@@ -198,7 +202,8 @@ class CopyOnReadNode(BlockNode):
 
     @staticmethod
     async def _copy_host_data(child: BlockNode, offset: int, count: int,
-                              below: "_Below", granule: int = 0) -> bool:
+                              below: "_Below", granule: int = 0,
+                              on_kept: "Callable[[], None] | None" = None) -> bool:
         """Data clusters of a qcow2 layer copied into a qcow2 child in one
         thread-pool task (read, zero check, write; the child's write path
         allocates and links the clusters as for the same bytes, or makes zero
@@ -215,7 +220,7 @@ class CopyOnReadNode(BlockNode):
         fd, base = source.children["file"].host_file()   # type: ignore[misc,union-attr]
         try:
             await child.co_pwrite(offset, CheckedCopy(  # type: ignore[arg-type]
-                [(fd, base + at, length) for at, length in runs], granule))
+                [(fd, base + at, length) for at, length in runs], granule, on_kept))
         finally:
             source_image.unpin_host_runs()
         return True

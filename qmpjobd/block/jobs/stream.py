@@ -9,8 +9,16 @@ above a base, then make the base its backing (QEMU's block/stream.c).
 * **Run**: 512 KiB steps. An extent the device itself holds is skipped; one a
   layer between the device's backing and the base holds is populated through the
   filter (data written into the device, zero extents as zero writes); one no layer
-  above the base holds is skipped. Progress counts every byte, the rate limit only
-  copied ones. A failed copy asks ``on-error`` (always as a read, as QEMU does).
+  above the base holds is skipped. Progress counts every byte, in order, the rate
+  limit only copied ones. A failed copy asks ``on-error`` (always as a read, as
+  QEMU does).
+* **Overlap** (no rate limit; a deliberate difference in timing only): a copy the
+  pool makes in one task stays in flight while the job looks up the next step and
+  starts its copy, so the event loop's work overlaps the pool's. The next copy
+  starts once the one before it is known to keep its clusters (QEMU's allocation
+  order), at most two are in flight, and a pause, a drain, an error or the end
+  waits for them: QEMU's job has no copy in flight at a pause point, nor does this
+  one when it shows itself paused.
 * **Prepare** (what ``job-finalize`` gates): the filter leaves the chain, the
   device's backing becomes the base (or nothing), and the device's header names the
   new backing file (``backing-file`` if given, else the base's filename) and its
@@ -23,8 +31,12 @@ above a base, then make the base its backing (QEMU's block/stream.c).
 
 from __future__ import annotations
 
+import asyncio
 import errno
-from typing import TYPE_CHECKING, Callable
+import functools
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from qmpjobd.block import permissions
 from qmpjobd.block.drivers.copy_on_read import CopyOnReadNode
@@ -41,9 +53,11 @@ from qmpjobd.block.formats.qcow2.backing import (
 from qmpjobd.block.graph import freeze_chain, unfreeze_links
 from qmpjobd.block.jobs.base import BlockJob
 from qmpjobd.errors import QMPError
+from qmpjobd.job.coroutine import CoroutineRunner
 from qmpjobd.versions import Behaviour
 
 if TYPE_CHECKING:  # pragma: no cover
+    from qmpjobd.block.drivers.copy_on_read import _Below
     from qmpjobd.block.graph import BlockGraph
     from qmpjobd.block.node import BlockNode
     from qmpjobd.job.manager import JobManager
@@ -74,6 +88,19 @@ def backing_format_name(base: "BlockNode", mask_protocol: bool) -> str:
     if mask_protocol and base.file_child is None and not base.is_filter:
         return "raw"
     return base.driver
+
+
+@dataclass
+class _Piece:
+    """One stream step's range, counted in order once its copy is done (or
+    found to have failed: the step the job's error policy then answers for)."""
+
+    offset: int
+    count: int
+    copied: bool
+    errno: int = 0
+    running: bool = False     # its copy is still in the pool
+    kept: bool = False        # its copy is known to write data (clusters stay)
 
 
 class StreamJob(BlockJob):
@@ -117,6 +144,10 @@ class StreamJob(BlockJob):
         # Where test-control I/O faults act: the populate reads and writes the device.
         self.source = device
         self.target = device
+        # Steps not yet counted, in order, and the copies still in the pool.
+        self._pieces: deque[_Piece] = deque()
+        self._copies: dict[CoroutineRunner, _Piece] = {}
+        self._copies_changed = object()      # park reason: a copy finished
         try:
             # bdrv_insert_node opens the filter (its file child attaches), then
             # puts it above the device.
@@ -163,52 +194,138 @@ class StreamJob(BlockJob):
         offset = 0
         delay_ns = 0
         error = 0
-        while offset < length:
-            # Even without a rate limit the job yields here once per step.
-            await self.ratelimit_sleep(delay_ns)
-            if self.is_cancelled:
-                break
-            step = STREAM_CHUNK if self.speed else STREAM_BATCH
-            count, copy, failed = await self._step(offset, min(step, length - offset))
-            if failed:
-                action = self.error_action(self.on_error, True, failed)
-                if action == "stop":
-                    delay_ns = 0
-                    continue
-                if not error:
-                    error = -failed
-                if action == "report":
+        while offset < length or self._pieces:
+            if offset < length:
+                # Even without a rate limit the job yields here once per step.
+                await self.ratelimit_sleep(delay_ns)
+                delay_ns = 0
+                if self.is_cancelled:
                     break
-            self.progress_update(count)
-            delay_ns = self.ratelimit_delay_ns(count) if copy else 0
-            offset += count
+                piece = await self._step(offset, min(STREAM_CHUNK if self.speed else STREAM_BATCH,
+                                                     length - offset))
+                self._pieces.append(piece)
+                offset += piece.count
+            # The next step is looked up while this copy is in the pool, unless
+            # nothing is left to look up.
+            if offset >= length:
+                await self._wait_for_copies(0)
+            delay_ns += self._count_finished()
+            failed = self._pieces[0] if self._pieces else None
+            if failed is None or failed.running:
+                continue
+            # A failed step: what was started after it finishes and is looked up
+            # again later (its data stays; it equals what the chain held).
+            await self._wait_for_copies(0)
+            self._pieces.clear()
+            offset = failed.offset
+            action = self.error_action(self.on_error, True, failed.errno)
+            if action == "stop":
+                delay_ns = 0
+                continue
+            if not error:
+                error = -failed.errno
+            if action == "report":
+                break
+            self.progress_update(failed.count)
+            offset += failed.count
+        # Cancelled or failed: the copies in flight finish first (QEMU's job has
+        # none in flight at its pause points).
+        await self._wait_for_copies(0)
+        self._count_finished()
+        self._pieces.clear()
         # An error that was ignored still keeps the backing file.
         return error
 
-    async def _step(self, offset: int, size: int) -> tuple[int, bool, int]:
-        """One stream step: (bytes covered, whether they were copied, errno or 0)."""
+    async def _step(self, offset: int, size: int) -> "_Piece":
+        """One stream step. A copy the pool makes in one task is left running
+        (without a rate limit); the piece says when it is done."""
         try:
             kind, count = layer_status(self.device, offset, size)
             if kind != UNALLOCATED:
-                return count, False, 0
+                return _Piece(offset, count, copied=False)
             # What the layers down to the base's overlay hold decides; the filter
             # copies it as its populate would (one look at those layers for both).
             below = self.filter.extent_below(offset, count)
         except OSError as exc:
             # A metadata read of the block status failed (an L2 table): a read
             # error of the step, which covers nothing.
-            return 0, False, exc.errno or errno.EIO
+            return _Piece(offset, 0, copied=False, errno=exc.errno or errno.EIO)
+        piece = _Piece(offset, below.count, copied=below.copy)
         if not below.copy:
-            return below.count, False, 0
-        if below.count > STREAM_CHUNK and not self.filter.copies_in_one_task(offset, below):
+            return piece
+        one_task = self.filter.copies_in_one_task(offset, below)
+        if below.count > STREAM_CHUNK and not one_task:
             # Read into the loop and written back: QEMU's step size (an error then
             # stops the job where QEMU's would).
-            below.count = STREAM_CHUNK
+            below.count = piece.count = STREAM_CHUNK
+        if one_task and not self.speed:
+            # The copy before this one must first keep its clusters (or finish):
+            # clusters are then allocated in QEMU's order, since a copy that
+            # reads as zeroes gives its clusters back before the next allocates.
+            while len(self._copies) > 1 or any(not p.kept for p in self._copies.values()):
+                await self.park_until_woken(self._copies_changed)
+            if any(earlier.errno for earlier in self._pieces):
+                return _Piece(offset, 0, copied=False)     # looked up again after it
+            copy = CoroutineRunner(self._copy(piece, below, background=True),
+                                   on_done=self._copy_done, name=f"stream {self.id} copy {offset}")
+            self._copies[copy] = piece
+            copy.enter()
+            return piece
+        await self._wait_for_copies(0)
+        if any(earlier.errno for earlier in self._pieces):
+            return _Piece(offset, 0, copied=False)
+        await self._copy(piece, below)
+        return piece
+
+    async def _copy(self, piece: "_Piece", below: "_Below", background: bool = False) -> None:
+        on_kept = None
+        if background:
+            on_kept = functools.partial(asyncio.get_running_loop().call_soon_threadsafe,
+                                        self._copy_kept, piece)
+        piece.running = True
         try:
-            await self.filter.copy_extent(offset, below, STREAM_CHUNK)
+            await self.filter.copy_extent(piece.offset, below, STREAM_CHUNK, on_kept)
         except OSError as exc:
-            return below.count, True, exc.errno or errno.EIO
-        return below.count, True, 0
+            piece.errno = exc.errno or errno.EIO
+        piece.running = False
+
+    def _copy_kept(self, piece: "_Piece") -> None:
+        piece.kept = True
+        self.wake(self._copies_changed)
+
+    def _copy_done(self, runner: CoroutineRunner) -> None:
+        self._copies.pop(runner, None)
+        self.wake(self._copies_changed)
+
+    async def _wait_for_copies(self, running: int) -> None:
+        """Until at most ``running`` copies are still in the pool."""
+        while len(self._copies) > running:
+            await self.park_until_woken(self._copies_changed)
+
+    def _count_finished(self) -> int:
+        """Progress for the steps done, in order, up to one that failed or is still
+        running; returns the rate limit's delay for what they copied."""
+        delay_ns = 0
+        while self._pieces and not self._pieces[0].running and not self._pieces[0].errno:
+            piece = self._pieces.popleft()
+            self.progress_update(piece.count)
+            if piece.copied:
+                delay_ns = self.ratelimit_delay_ns(piece.count)
+        return delay_ns
+
+    async def on_pause(self) -> None:
+        # Nothing in flight while paused, and the progress shown counts it.
+        await self._wait_for_copies(0)
+        self._count_finished()
+
+    def drained_poll(self) -> bool:
+        # A copy in flight is a request on the device in QEMU: a drain waits for
+        # it, even while the job itself sleeps or waits for it.
+        return super().drained_poll() or (not self.is_completed and bool(self._copies))
+
+    def request_runners(self) -> "Iterable[CoroutineRunner]":
+        # A drain finishes the copies in flight, then the job's own wait.
+        return (*self._copies, *super().request_runners())
 
     # ------------------------------------------------------------------ finish
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     from qmpjobd.block.node import BlockNode
@@ -226,9 +226,13 @@ class CheckedCopy(HostCopy):
     afterwards that nothing was written. A part of it (a slice shorter than the
     whole) is an ordinary HostCopy: the decision is never made on a piece."""
 
-    def __init__(self, pieces: list[tuple[int, int, int]], granule: int = 0) -> None:
+    def __init__(self, pieces: list[tuple[int, int, int]], granule: int = 0,
+                 on_kept: "Callable[[], None] | None" = None) -> None:
         super().__init__(pieces)
         self.zero = False
+        # Called from the pool thread once the bytes are known to be written (not
+        # zeroes): the clusters allocated for them stay allocated.
+        self.on_kept = on_kept
         # With a granule, the decision is made per granule (each one a copy QEMU
         # would make on its own): all zero, none zero, or ``mixed``, in which case
         # nothing is written and the caller copies granule by granule.
@@ -257,6 +261,8 @@ class CheckedCopy(HostCopy):
             self.zero = is_zero(data)
         if self.zero:
             return
+        if self.on_kept is not None:
+            self.on_kept()
         try:
             write_fully(dst_fd, dst_offset, data)
         except OSError as exc:
