@@ -16,7 +16,7 @@ above a base, then make the base its backing (QEMU's block/stream.c).
   pool makes in one task stays in flight while the job looks up the next step and
   starts its copy, so the event loop's work overlaps the pool's. The next copy
   starts once the one before it is known to keep its clusters (QEMU's allocation
-  order), at most two are in flight, and a pause, a drain, an error or the end
+  order), at most STREAM_COPIES_IN_FLIGHT are in flight, and a pause, a drain, an error or the end
   waits for them: QEMU's job has no copy in flight at a pause point, nor does this
   one when it shows itself paused.
 * **Prepare** (what ``job-finalize`` gates): the filter leaves the chain, the
@@ -68,6 +68,11 @@ STREAM_CHUNK = 512 * 1024
 # with the same bytes and allocation, each still deciding zero or data alone
 # (CheckedCopy granules), with fewer trips through the event loop.
 STREAM_BATCH = 8 * STREAM_CHUNK
+
+# Without a rate limit, how many one-task copies may be in the pool at once (the
+# job looks up the next step and starts its copy while those before it write).
+# 1 GiB bench chain, median of 12 in-process runs: 0.125 s with 2, 0.112 s with 4.
+STREAM_COPIES_IN_FLIGHT = 4
 
 # stream_start's holds on the device and on the nodes down to the base (name,
 # perm, shared): nothing taken, and resize (and below the device, writes) not
@@ -262,7 +267,8 @@ class StreamJob(BlockJob):
             # The copy before this one must first keep its clusters (or finish):
             # clusters are then allocated in QEMU's order, since a copy that
             # reads as zeroes gives its clusters back before the next allocates.
-            while len(self._copies) > 1 or any(not p.kept for p in self._copies.values()):
+            while len(self._copies) >= STREAM_COPIES_IN_FLIGHT \
+                    or any(not p.kept for p in self._copies.values()):
                 await self.park_until_woken(self._copies_changed)
             if any(earlier.errno for earlier in self._pieces):
                 return _Piece(offset, 0, copied=False)     # looked up again after it
