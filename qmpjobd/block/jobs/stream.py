@@ -286,14 +286,20 @@ class StreamJob(BlockJob):
     async def _copy(self, piece: "_Piece", below: "_Below", background: bool = False) -> None:
         on_kept = None
         if background:
-            on_kept = functools.partial(asyncio.get_running_loop().call_soon_threadsafe,
-                                        self._copy_kept, piece)
+            on_kept = functools.partial(self._kept_in_pool, asyncio.get_running_loop(), piece)
         piece.running = True
         try:
             await self.filter.copy_extent(piece.offset, below, STREAM_CHUNK, on_kept)
         except OSError as exc:
             piece.errno = exc.errno or errno.EIO
         piece.running = False
+
+    def _kept_in_pool(self, loop: asyncio.AbstractEventLoop, piece: "_Piece") -> None:
+        """CheckedCopy.on_kept, in the pool thread: tell the job in its loop."""
+        try:
+            loop.call_soon_threadsafe(self._copy_kept, piece)
+        except RuntimeError:
+            pass          # the loop has closed (shutdown): no job waits any more
 
     def _copy_kept(self, piece: "_Piece") -> None:
         piece.kept = True
