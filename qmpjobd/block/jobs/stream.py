@@ -15,10 +15,10 @@ above a base, then make the base its backing (QEMU's block/stream.c).
 * **Overlap** (no rate limit; a deliberate difference in timing only): a copy the
   pool makes in one task stays in flight while the job looks up the next step and
   starts its copy, so the event loop's work overlaps the pool's. The next copy
-  starts once the one before it is known to keep its clusters (QEMU's allocation
-  order), at most STREAM_COPIES_IN_FLIGHT are in flight, and a pause, a drain, an error or the end
-  waits for them: QEMU's job has no copy in flight at a pause point, nor does this
-  one when it shows itself paused.
+  starts once those before it are known to keep their clusters (QEMU's allocation
+  order), at most STREAM_COPIES_IN_FLIGHT are in flight, and a pause, a drain, an
+  error or the end waits for them: QEMU's job has no copy in flight at a pause
+  point, nor does this one when it shows itself paused.
 * **Prepare** (what ``job-finalize`` gates): the filter leaves the chain, the
   device's backing becomes the base (or nothing), and the device's header names the
   new backing file (``backing-file`` if given, else the base's filename) and its
@@ -263,24 +263,25 @@ class StreamJob(BlockJob):
             # Read into the loop and written back: QEMU's step size (an error then
             # stops the job where QEMU's would).
             below.count = piece.count = STREAM_CHUNK
-        if one_task and not self.speed:
-            # The copy before this one must first keep its clusters (or finish):
-            # clusters are then allocated in QEMU's order, since a copy that
-            # reads as zeroes gives its clusters back before the next allocates.
+        background = one_task and not self.speed
+        if background:
+            # The copies before this one must first keep their clusters (or
+            # finish): clusters are then allocated in QEMU's order, since a copy
+            # that reads as zeroes gives its clusters back before the next allocates.
             while len(self._copies) >= STREAM_COPIES_IN_FLIGHT \
                     or any(not p.kept for p in self._copies.values()):
                 await self.park_until_woken(self._copies_changed)
-            if any(earlier.errno for earlier in self._pieces):
-                return _Piece(offset, 0, copied=False)     # looked up again after it
-            copy = CoroutineRunner(self._copy(piece, below, background=True),
-                                   on_done=self._copy_done, name=f"stream {self.id} copy {offset}")
-            self._copies[copy] = piece
-            copy.enter()
-            return piece
-        await self._wait_for_copies(0)
+        else:
+            await self._wait_for_copies(0)
         if any(earlier.errno for earlier in self._pieces):
-            return _Piece(offset, 0, copied=False)
-        await self._copy(piece, below)
+            return _Piece(offset, 0, copied=False)     # looked up again after it
+        if not background:
+            await self._copy(piece, below)
+            return piece
+        copy = CoroutineRunner(self._copy(piece, below, background=True),
+                               on_done=self._copy_done, name=f"stream {self.id} copy {offset}")
+        self._copies[copy] = piece
+        copy.enter()
         return piece
 
     async def _copy(self, piece: "_Piece", below: "_Below", background: bool = False) -> None:
