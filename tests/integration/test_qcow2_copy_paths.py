@@ -5,7 +5,7 @@ a clean ``qemu-img check`` and the chain's content.
 
 The chain mixes what those paths decide on: data clusters with random bytes,
 data clusters that hold only zero bytes (copy-on-read makes zero clusters of
-them), zero clusters, unallocated clusters, and an overlay whose zero clusters
+them), data clusters whose first bytes are zeroes, zero clusters, unallocated clusters, and an overlay whose zero clusters
 lie over data and over unallocated clusters of the base (commit writes zero
 clusters in both).
 """
@@ -31,7 +31,9 @@ BASE = [
     "write -P 0x6b 2M 192K",         # data, then a gap (unallocated)
     "write -P 0 3M 64K",             # one zero-filled data cluster
     "write -P 0x7c 3136K 2M",        # data across the 4 MiB mark
-    "write -P 0 6M 1M",              # zero-filled data
+    "write -P 0 6M 1M",              # zero-filled data, then data that starts with
+    "write -P 0 7M 512K",            # 320 KiB of zero bytes (a copy decides on all
+    "write -P 0x3c 7488K 4K",        # of its bytes, not on its first ones)
 ]
 TOP = [
     "write -P 0x11 512K 256K",       # new data over base data

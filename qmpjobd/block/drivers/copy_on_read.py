@@ -15,8 +15,8 @@ child gets zero clusters), others as data, as QEMU's copy-on-read does.
 How (populate only; a guest read still reads, then writes what it read): an extent
 the qcow2 layers below know to be zeroes is zero-written without reading it; data
 clusters of a qcow2 layer on a host file go into a qcow2 child in one thread-pool
-task that reads them, checks for zeroes and writes them (``CheckedCopy``: the
-child's write path allocates as for the same bytes, or makes zero clusters).
+task that checks them for zeroes and has the kernel copy them (``CheckedCopy``:
+the child's write path allocates as for the same bytes, or makes zero clusters).
 Nodes with test-control request hooks always get the plain read and write.
 """
 
