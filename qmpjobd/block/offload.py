@@ -6,8 +6,9 @@ without error injection on top of ``file``) and the target is writable, one
 thread-pool task moves the bytes host file to host file (:func:`host_copy`):
 ``os.copy_file_range`` where the filesystem shares extents (reflink), else a read
 into the pool thread's reused buffer and a write from it, so no data passes through
-Python objects (copy-on-read, one writer at a time, lets the kernel copy anyway). Otherwise it falls back to ``co_pread`` + ``co_pwrite``, so blkdebug
-rules, read-only checks and null-co behave exactly as for any other request.
+Python objects (copy-on-read has the kernel copy anyway). Otherwise it falls back to
+``co_pread`` + ``co_pwrite``, so blkdebug rules, read-only checks and null-co behave
+exactly as for any other request.
 
 Either way the target ends up with the node-level bytes, including QEMU's zero tail
 up to the 512-byte rounded length when the source host file is shorter.
@@ -153,14 +154,14 @@ def host_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
     Where the filesystem shares extents (a reflink: btrfs, XFS with reflink, ...)
     ``copy_file_range`` copies without moving data. Elsewhere the kernel copies
     through a pipe into the page cache (``splice``): one memcpy instead of a read's
-    and a write's, about 25-30% less CPU than a read into a reused buffer and a
-    write from it on this machine's ext4 (Linux 6.18, 256 MiB, 0.5-4 MiB
-    requests). But it takes the target's inode lock once per 64 KiB pipe buffer,
-    and requests writing one file at once then spin on that lock in the kernel;
-    jobs with many requests in flight (mirror, backup, commit: QEMU's own read and
-    write, its copy offload is off by default) therefore keep the read and write,
-    and only a caller that writes one request at a time per file asks for
-    ``splice`` (copy-on-read's CheckedCopy).
+    and a write's. On this machine's ext4 (Linux 6.18, 256 MiB in 0.5-4 MiB
+    requests) that took 25-30% less time than a read into a reused buffer and a
+    write from it; an earlier session measured the other way (512 MiB in 1 MiB
+    requests, 0.30-0.40 s of kernel time against 0.26-0.32 s). Only copy-on-read's
+    CheckedCopy asks for ``splice``: it writes one request at a time per file. The
+    jobs with many requests in flight (mirror, backup, commit) keep QEMU's read and
+    write (its copy offload is off by default); they are ahead of QEMU as they are,
+    and were not measured with it.
     """
     if splice or _shares_extents(src_fd, dst_fd):
         copied = _kernel_copy(src_fd, src_offset, dst_fd, dst_offset, length)
