@@ -292,7 +292,7 @@ class CheckedCopy(HostCopy):
 # One writer at a time per target file descriptor. Copies in flight that write
 # into one file at once contend for its inode lock in the kernel, and the
 # kernel's waiters spin: with 2-4 stream copies in flight, rwsem_spin_on_owner took
-# 8-12% of the daemon's CPU samples (perf, 1 GiB stream). Waiting here sleeps
+# 5-12% of the daemon's CPU samples (perf, 1 GiB stream). Waiting here sleeps
 # instead, while the next copies' zero probes still overlap the write. A
 # descriptor number reused for another file only shares a lock.
 _WRITER_LOCKS: dict[int, threading.Lock] = {}
