@@ -5,9 +5,9 @@ a clean ``qemu-img check`` and the chain's content.
 
 The chain mixes what those paths decide on: data clusters with random bytes,
 data clusters that hold only zero bytes (copy-on-read makes zero clusters of
-them), data clusters whose first bytes are zeroes, zero clusters, unallocated clusters, and an overlay whose zero clusters
-lie over data and over unallocated clusters of the base (commit writes zero
-clusters in both).
+them), data clusters whose first bytes are zeroes, zero clusters, unallocated
+clusters, and an overlay whose zero clusters lie over data and over unallocated
+clusters of the base (commit writes zero clusters in both).
 """
 
 from __future__ import annotations

@@ -10,9 +10,7 @@ memory, for unit tests and for building images.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
-import threading
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -249,7 +247,7 @@ class CheckedCopy(HostCopy):
     def copy_to(self, dst_fd: int, dst_offset: int) -> None:
         """Decide zero or data, then write (blocking); errors as the request paths
         raise them."""
-        from qmpjobd.block.offload import kernel_copy_exact
+        from qmpjobd.block.offload import kernel_copy_exact, one_writer
 
         units = self._units_zero()
         if any(units) and not all(units):
@@ -260,7 +258,7 @@ class CheckedCopy(HostCopy):
             return
         if self.on_kept is not None:
             self.on_kept()
-        with _writer_lock(dst_fd):
+        with one_writer(dst_fd):
             for fd, offset, length in self.pieces:
                 kernel_copy_exact(fd, offset, dst_fd, dst_offset, length, splice=True)
                 dst_offset += length
@@ -287,22 +285,6 @@ class CheckedCopy(HostCopy):
                 zero = is_zero(_read_into_buffer(self._span(at, size)))
             decisions.append(zero)
         return decisions
-
-
-# One writer at a time per target file descriptor. Copies in flight that write
-# into one file at once contend for its inode lock in the kernel, and the
-# kernel's waiters spin: with 2-4 stream copies in flight, rwsem_spin_on_owner took
-# 5-12% of the daemon's CPU samples (perf, 1 GiB stream). Waiting here sleeps
-# instead, while the next copies' zero probes still overlap the write. A
-# descriptor number reused for another file only shares a lock.
-_WRITER_LOCKS: dict[int, threading.Lock] = {}
-
-
-def _writer_lock(fd: int) -> threading.Lock:
-    lock = _WRITER_LOCKS.get(fd)
-    if lock is None:
-        lock = _WRITER_LOCKS.setdefault(fd, threading.Lock())
-    return lock
 
 
 # How much of a copy-on-read granule is read to find it holds data: one page.
